@@ -1,0 +1,11 @@
+"""ComfyUI nodes: one module per technique, each a thin wrapper over xmgie_core."""
+
+from .gb_compositor import XMGIEGBCompositor
+
+NODE_CLASS_MAPPINGS = {
+    "XMGIEGBCompositor": XMGIEGBCompositor,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "XMGIEGBCompositor": "XMGIE GB Compositor",
+}

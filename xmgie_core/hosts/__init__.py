@@ -1,0 +1,1 @@
+"""Adapters onto host U-Nets: ComfyUI (ModelPatcher patches) and diffusers (attention processors)."""
