@@ -17,13 +17,13 @@ def distance_to_outside(mask: torch.Tensor) -> torch.Tensor:
     0 outside the mask; +inf everywhere for an item with no 0 pixel (a full mask has no border).
     Runs on the CPU; the result is float32 on the mask's device.
     """
-    m = mask.detach().to("cpu", torch.bool).numpy()
+    m = mask.detach().to("cpu", torch.uint8).numpy()
     out = np.empty(m.shape, dtype=np.float32)
     for i, item in enumerate(m):
-        if item.all():
+        if item.min() == 1:
             out[i] = np.inf
         else:
-            out[i] = cv2.distanceTransform(item.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+            out[i] = cv2.distanceTransform(item, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     return torch.from_numpy(out).to(mask.device)
 
 

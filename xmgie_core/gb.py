@@ -6,22 +6,25 @@
   X_blur   = X_edit * (1 - M) + (X_edit * G_sigma(D)) * M                          (eq 19)
 
 `gb_blur` is eq 19 as written. `gb_composite` blends an edit into its source with a soft edge
-from the same machinery: alpha = M blurred with sigma(distance to the mask border, both sides),
-exactly 0 farther outside than `edge_width` and exactly 1 farther inside, and
-out = source * (1 - alpha) + edit * alpha, so far-outside pixels are the source bit for bit.
+from the same machinery: alpha is the profile of a mask edge blurred with sigma(D) at each
+pixel's distance D from the mask border (both sides), exactly 0 farther outside than
+`edge_width` and exactly 1 farther inside, and out = source * (1 - alpha) + edit * alpha, so
+far-outside pixels are the source bit for bit.
 
 Images are [B,H,W,C] in 0..1, masks [B,H,W] or [H,W] (1 = edit), binarised at 0.5.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .distance import distance_to_boundary, distance_to_outside
 from .errors import XMGIEInputError
-from .gaussian import variable_gaussian_blur
+from .gaussian import TILE, blur_tiles, kernel_radius, level_sigmas, snap_sigma
+from .tiles import TileSet
 from .validation import check_image, mask_for_image, matching_images
 
 SIGMA_MAX = 5.0
@@ -53,13 +56,27 @@ def _to_bchw(image: torch.Tensor) -> torch.Tensor:
     return image.permute(0, 3, 1, 2)
 
 
-def _to_bhwc(image: torch.Tensor) -> torch.Tensor:
-    return image.permute(0, 2, 3, 1)
-
-
 def binarize(mask: torch.Tensor) -> torch.Tensor:
     """M = mask >= 0.5 (soft masks are binarised for the distance transform)."""
     return mask >= 0.5
+
+
+def active_distance(sigma_max: float, sigma_scale: float) -> float:
+    """Distance beyond which sigma(D) <= snap_sigma(), i.e. eq 18 blurs nothing any more."""
+    snap = snap_sigma()
+    return sigma_scale * math.sqrt(2.0 * math.log(sigma_max / snap)) if sigma_max > snap else 0.0
+
+
+def _blur_band(x: torch.Tensor, distance: torch.Tensor, active: torch.Tensor, sigma_max: float,
+               sigma_scale: float) -> tuple[TileSet, torch.Tensor]:
+    """Eq 18 + the variable blur on the tiles covering `active` [B,H,W]: x [B,C,H,W] blurred with
+    sigma(distance) where active (elsewhere unchanged). Returns the tiles and [n,C,T,T] values."""
+    levels = level_sigmas(sigma_max)
+    tiles = TileSet.covering(active, TILE)
+    sigma = sigma_map(tiles.gather(distance[:, None])[:, 0], sigma_max, sigma_scale).clamp(max=levels[-1])
+    sigma = torch.where(tiles.gather(active[:, None])[:, 0], sigma, 0.0)
+    patches = tiles.gather(x.float(), halo=kernel_radius(levels[-1]))
+    return tiles, blur_tiles(patches, sigma, levels)
 
 
 def gb_blur(edited: torch.Tensor, mask: torch.Tensor, sigma_max: float = SIGMA_MAX,
@@ -68,34 +85,42 @@ def gb_blur(edited: torch.Tensor, mask: torch.Tensor, sigma_max: float = SIGMA_M
     _check_params(sigma_max, sigma_scale)
     check_image(edited, "edited image")
     m = binarize(mask_for_image(mask, edited, "mask", "edited image"))
-    sigma = sigma_map(distance_to_outside(m), sigma_max, sigma_scale) * m
-    blurred = _to_bhwc(variable_gaussian_blur(_to_bchw(edited), sigma, sigma_max))
-    image = torch.where(m.unsqueeze(-1), blurred, edited)
-    strength = sigma / sigma_max if sigma_max > 0 else sigma
+    d = distance_to_outside(m).to(edited.device)
+    image = edited.clone()
+    active = m & (d < active_distance(sigma_max, sigma_scale))
+    if bool(active.any()):
+        tiles, blurred = _blur_band(_to_bchw(edited), d, active, sigma_max, sigma_scale)
+        tiles.scatter(_to_bchw(image), blurred)
+    strength = torch.where(m, sigma_map(d, 1.0, sigma_scale), 0.0) if sigma_max > 0 else torch.zeros_like(d)
     return GBResult(image, strength.to(edited.dtype))
 
 
-def composite_alpha(mask: torch.Tensor, sigma_max: float = SIGMA_MAX, sigma_scale: float = SIGMA_SCALE,
-                    edge_width: float = EDGE_WIDTH) -> torch.Tensor:
-    """Soft blend weight [B,H,W] (float32) from a binary mask [B,H,W].
+def edge_alpha(mask: torch.Tensor, d_in: torch.Tensor, d_out: torch.Tensor, sigma_max: float = SIGMA_MAX,
+               sigma_scale: float = SIGMA_SCALE, edge_width: float = EDGE_WIDTH) -> torch.Tensor:
+    """Composite blend weight [B,H,W]: the profile a straight mask edge takes when blurred with
+    the eq-18 sigma at each pixel's own distance D to the border (on either side),
 
-    alpha = M * G_sigma(D_b) with D_b the distance to the mask border on either side and
-    sigma from eq 18; alpha = 0 where D_out > edge_width, 1 where D_in > edge_width.
+      alpha = Phi((D_in - 1/2) / sigma(D_in)) inside,  Phi(-(D_out - 1/2) / sigma(D_out)) outside
+
+    (the border lies half a pixel from the nearest pixel centres). As in the blur, sigma <=
+    snap_sigma() means no blur (alpha = M); alpha is exactly 0 where D_out > edge_width and
+    exactly 1 where D_in > edge_width. Computed only on the pixels near the border.
     """
-    d_in, d_out = distance_to_boundary(mask)
-    border = torch.where(mask, d_in, d_out)
-    sigma = sigma_map(border, sigma_max, sigma_scale)
-    alpha = variable_gaussian_blur(mask.float().unsqueeze(1), sigma, sigma_max).squeeze(1)
-    alpha = torch.where(d_out > edge_width, 0.0, alpha)
-    return torch.where(d_in > edge_width, 1.0, alpha).clamp(0.0, 1.0)
+    d = torch.where(mask, d_in, d_out)
+    alpha = mask.float()
+    band = (d < active_distance(sigma_max, sigma_scale)) & (d <= edge_width)
+    db, inside = d[band], mask[band]
+    signed = torch.where(inside, db - 0.5, 0.5 - db)
+    alpha[band] = torch.special.ndtr(signed / sigma_map(db, sigma_max, sigma_scale))
+    return alpha
 
 
 def gb_composite(edited: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, sigma_max: float = SIGMA_MAX,
                  sigma_scale: float = SIGMA_SCALE, edge_width: float = EDGE_WIDTH) -> GBResult:
-    """out = source (1 - alpha) + edited alpha with alpha from `composite_alpha`.
+    """out = source (1 - alpha) + edited alpha with alpha from `edge_alpha`.
 
-    Pixels with alpha 0 (farther outside the mask than edge_width, or an empty mask) are
-    the source exactly; pixels with alpha 1 are the edit exactly.
+    Pixels with alpha 0 (farther outside the mask than edge_width, or an empty mask) are the
+    source exactly; pixels with alpha 1 are the edit exactly; only the others are blended.
     """
     _check_params(sigma_max, sigma_scale)
     if not edge_width >= 0:
@@ -104,10 +129,12 @@ def gb_composite(edited: torch.Tensor, source: torch.Tensor, mask: torch.Tensor,
     check_image(source, "source image")
     edited, source = matching_images(edited, source, "edited image", "source image")
     m = binarize(mask_for_image(mask, edited, "mask", "edited image"))
-    alpha = composite_alpha(m, sigma_max, sigma_scale, edge_width).to(edited.device)
-    a = alpha.unsqueeze(-1)
-    blend = (source.float() * (1 - a) + edited.float() * a).to(edited.dtype)
-    image = torch.where(a == 0, source, torch.where(a == 1, edited, blend))
+    d_in, d_out = (d.to(edited.device) for d in distance_to_boundary(m))
+    alpha = edge_alpha(m, d_in, d_out, sigma_max, sigma_scale, edge_width)
+    image = torch.where(m.unsqueeze(-1), edited, source)
+    soft = (alpha > 0) & (alpha < 1)
+    a = alpha[soft].unsqueeze(-1)
+    image[soft] = torch.lerp(source[soft].float(), edited[soft].float(), a).to(image.dtype)
     return GBResult(image, alpha.to(edited.dtype))
 
 
