@@ -1,6 +1,7 @@
 """ComfyUI nodes: one module per technique, each a thin wrapper over xmgie_core."""
 
 from .gb_compositor import XMGIEGBCompositor
+from .samples import install_samples
 
 NODE_CLASS_MAPPINGS = {
     "XMGIEGBCompositor": XMGIEGBCompositor,
@@ -9,3 +10,5 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "XMGIEGBCompositor": "XMGIE GB Compositor",
 }
+
+install_samples()

@@ -43,3 +43,17 @@ def test_gb_node_composite_needs_source(pack):
     node = pack.NODE_CLASS_MAPPINGS["XMGIEGBCompositor"]()
     with pytest.raises(ValueError, match="connect the original"):
         node.composite(torch.rand(1, 8, 8, 3), torch.ones(1, 8, 8), "composite", 5.0, 10.0, 16.0)
+
+
+def test_samples_are_copied_into_comfy_input_without_overwriting(pack, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("folder_paths")
+    fake.get_input_directory = lambda: str(tmp_path)
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    (tmp_path / "xmgie_astronaut_source.png").write_bytes(b"user's own file")
+    copied = pack.nodes.samples.install_samples()
+    assert [p.name for p in copied] == ["xmgie_astronaut_edit.png"]
+    assert (tmp_path / "xmgie_astronaut_source.png").read_bytes() == b"user's own file"
+    assert pack.nodes.samples.install_samples() == []

@@ -1,0 +1,506 @@
+"""Real-ComfyUI test harness: import ComfyUI on CPU, load the pack through ComfyUI's own loader,
+build a tiny random-weight SD1.5 checkpoint, and run API-format prompts serverless or over HTTP.
+
+Nothing here imports ComfyUI at module import time, so CI can collect the host tier without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import types
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+ASSETS_DIR = WORKFLOWS_DIR / "assets"
+PACK_FOLDER = "xmgie"
+TINY_CHECKPOINT_NAME = "xmgie_tiny_sd15.safetensors"
+SKIP_REASON = "COMFYUI_PATH is not set: the host tier needs a real ComfyUI checkout"
+
+
+def comfyui_path() -> Path | None:
+    """The ComfyUI checkout named by COMFYUI_PATH, or None when unset."""
+    value = os.environ.get("COMFYUI_PATH", "").strip()
+    return Path(value).resolve() if value else None
+
+
+# --------------------------------------------------------------------------------------------------
+# In-process ComfyUI
+# --------------------------------------------------------------------------------------------------
+
+def import_comfyui(comfy_root: Path) -> types.ModuleType:
+    """Put `comfy_root` first on sys.path, switch ComfyUI to CPU mode, and return its `nodes` module."""
+    root = str(comfy_root)
+    if not (comfy_root / "nodes.py").is_file() or not (comfy_root / "comfy").is_dir():
+        raise RuntimeError(f"COMFYUI_PATH={root} is not a ComfyUI checkout (no nodes.py / comfy/).")
+    if root in sys.path:
+        sys.path.remove(root)
+    sys.path.insert(0, root)  # ComfyUI's top-level `nodes` must win over this repo's `nodes` package
+    loaded = sys.modules.get("nodes")
+    if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() != comfy_root / "nodes.py":
+        raise RuntimeError(f"A different module named 'nodes' is already imported: {loaded!r}")
+    from comfy.cli_args import args
+
+    args.cpu = True  # must precede comfy.model_management (no CUDA here)
+    import utils.extra_config  # noqa: F401  as main.py does: nodes.py later puts comfy/ (with utils.py) on sys.path
+    import nodes
+
+    return nodes
+
+
+@contextmanager
+def captured_logs() -> Iterator[list[str]]:
+    """Collect root-logger records (ComfyUI reports import failures only as log warnings)."""
+    records: list[str] = []
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(f"{record.levelname}: {record.getMessage()}")
+
+    handler = _Handler(level=logging.DEBUG)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+def make_base_directory(base: Path, checkpoint: Path | None = None) -> Path:
+    """Lay out a ComfyUI base directory: custom_nodes/xmgie -> this repo, models/checkpoints/<ckpt>."""
+    for sub in ("custom_nodes", "models/checkpoints", "input", "output", "temp", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / PACK_FOLDER
+    if not link.exists():
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    if checkpoint is not None:
+        ckpt_link = base / "models" / "checkpoints" / checkpoint.name
+        if not ckpt_link.exists():
+            ckpt_link.symlink_to(checkpoint)
+    return base
+
+
+@dataclass
+class ComfyHost:
+    """ComfyUI imported in this process, with this pack loaded through its custom-node loader."""
+
+    nodes: types.ModuleType
+    base: Path
+    loaded: bool
+    load_log: list[str]
+    registered: list[str]
+    """Node ids the loader added to nodes.NODE_CLASS_MAPPINGS for this pack."""
+
+    @property
+    def pack_dir(self) -> Path:
+        return self.base / "custom_nodes" / PACK_FOLDER
+
+    @property
+    def input_dir(self) -> Path:
+        return self.base / "input"
+
+
+def start_comfy_host(comfy_root: Path, base: Path) -> ComfyHost:
+    """Import ComfyUI (CPU), point its folders at `base`, load core extras, then this pack via its loader."""
+    nodes = import_comfyui(comfy_root)
+    import folder_paths
+
+    make_base_directory(base)
+    folder_paths.set_input_directory(str(base / "input"))
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    pack_path = str(base / "custom_nodes" / PACK_FOLDER)
+
+    async def _load() -> tuple[bool, list[str]]:
+        await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
+        before = set(nodes.NODE_CLASS_MAPPINGS)
+        ok = await nodes.load_custom_node(pack_path)
+        return ok, sorted(set(nodes.NODE_CLASS_MAPPINGS) - before)
+
+    with captured_logs() as log:
+        loaded, registered = asyncio.run(_load())
+    return ComfyHost(nodes, base, loaded, log, registered)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny SD1.5 checkpoint (COMFY_HOST.md section 7)
+# --------------------------------------------------------------------------------------------------
+
+TINY_UNET_CONFIG: dict[str, Any] = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1], channel_mult=[1],
+    transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=1, context_dim=768,
+    num_heads=8, num_head_channels=-1, use_spatial_transformer=True, use_linear_in_transformer=False,
+    legacy=False,
+)
+"""Reduced UNet that model detection still classifies as SD15 (only 320/768/conv proj_in/no adm are checked)."""
+
+
+def randomized(state_dict: dict, generator: Any) -> dict:
+    """Seeded random weights with sane scales: 1-D weights (norms) 1, biases 0, 0-d scalars kept,
+    other tensors N(0, 1/fan_in). Needed because ComfyUI's ops leave weights uninitialised."""
+    import torch
+
+    out = {}
+    for key, value in state_dict.items():
+        if not value.is_floating_point() or value.ndim == 0:
+            out[key] = value.clone()
+        elif key.endswith("bias"):
+            out[key] = torch.zeros_like(value, dtype=torch.float32)
+        elif value.ndim == 1:
+            out[key] = torch.ones_like(value, dtype=torch.float32)
+        else:
+            fan_in = int(np.prod(value.shape[1:]))
+            out[key] = torch.randn(value.shape, generator=generator) / fan_in ** 0.5
+    return out
+
+
+def build_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Write a ~300 MB fp16 safetensors checkpoint ComfyUI detects as SD15: reduced UNet, full-size
+    random CLIP-L, TAESD VAE. ComfyUI must already be imported (its classes name the keys)."""
+    import torch
+    from safetensors.torch import save_file
+
+    import comfy.ops
+    import comfy.sd1_clip
+    import comfy.taesd.taesd
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    gen = torch.Generator().manual_seed(seed)
+    parts = {
+        "model.diffusion_model.": UNetModel(**TINY_UNET_CONFIG, operations=comfy.ops.disable_weight_init),
+        "first_stage_model.": comfy.taesd.taesd.TAESD(),
+    }
+    sd: dict[str, torch.Tensor] = {}
+    for prefix, module in parts.items():
+        sd.update({prefix + k: v for k, v in randomized(module.state_dict(), gen).items()})
+    clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32).state_dict()
+    clip_prefix = "clip_l.transformer.text_model."
+    clip = randomized({k: v for k, v in clip.items() if k.startswith(clip_prefix)}, gen)
+    sd.update({"cond_stage_model.transformer.text_model." + k[len(clip_prefix):]: v for k, v in clip.items()})
+    sd = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts and their results
+# --------------------------------------------------------------------------------------------------
+
+class PromptFailed(AssertionError):
+    """A prompt failed validation or execution; the message carries ComfyUI's own error details."""
+
+
+@dataclass
+class PromptRun:
+    """Outcome of one executed prompt: ui outputs per node id and the status messages."""
+
+    prompt_id: str
+    outputs: dict[str, dict]
+    messages: list = field(default_factory=list)
+
+    def images(self, node_id: str) -> list[dict]:
+        """The {"filename","subfolder","type"} entries a Save/Preview node reported."""
+        if node_id not in self.outputs or not self.outputs[node_id].get("images"):
+            raise AssertionError(f"node {node_id} produced no images; outputs: {self.outputs}")
+        return self.outputs[node_id]["images"]
+
+
+def describe_failure(messages: list, node_errors: dict | None = None) -> str:
+    """Human-readable summary of execution_error messages and validation node_errors."""
+    parts = []
+    for event, data in messages:
+        if event in ("execution_error", "execution_interrupted"):
+            tb = "".join(data.get("traceback") or [])[-2000:]
+            parts.append(f"{event} in node {data.get('node_id')} ({data.get('node_type')}): "
+                         f"{data.get('exception_type')}: {data.get('exception_message')}\n{tb}")
+    if node_errors:
+        parts.append("node_errors: " + json.dumps(node_errors, indent=1, default=str)[:4000])
+    return "\n".join(parts) or f"no error message; messages: {messages}"
+
+
+class _StubServer:
+    """The attributes PromptExecutor touches on PromptServer (COMFY_HOST.md section 9.2)."""
+
+    def __init__(self) -> None:
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata: dict = {}
+        self.sent: list = []
+
+    def send_sync(self, event: str, data: dict, sid: str | None = None) -> None:
+        self.sent.append((event, data))
+
+    def queue_updated(self) -> None:
+        pass
+
+
+class PromptRunner(Protocol):
+    """What the workflow tests need from a transport: in-process ("serverless") or over HTTP ("http")."""
+
+    name: str
+
+    def provide_input(self, path: Path) -> str:
+        """Make an image available to LoadImage; returns the name to put in the prompt."""
+
+    def run(self, prompt: dict) -> PromptRun:
+        """Execute an API-format prompt to completion or raise PromptFailed."""
+
+    def read_image(self, image: dict) -> np.ndarray:
+        """Pixels of one saved-image entry of PromptRun.outputs."""
+
+
+class InProcessRunner:
+    """Serverless execution: ComfyUI's validate_prompt + PromptExecutor in this process (section 9.2)."""
+
+    name = "serverless"
+
+    def __init__(self, host: ComfyHost) -> None:
+        self.host = host
+
+    def provide_input(self, path: Path) -> str:
+        shutil.copy(path, self.host.input_dir / path.name)
+        return path.name
+
+    def run(self, prompt: dict) -> PromptRun:
+        """Validate and execute with a fresh executor (so nothing is cached between runs)."""
+        import execution
+
+        prompt_id = str(uuid.uuid4())
+
+        async def _run():
+            valid, error, outputs, node_errors = await execution.validate_prompt(prompt_id, prompt, None)
+            if not valid or node_errors:
+                raise PromptFailed(f"prompt failed validation: {error}\n{describe_failure([], node_errors)}")
+            executor = execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC)
+            await executor.execute_async(prompt, prompt_id, {}, outputs)
+            return executor
+
+        executor = asyncio.run(_run())
+        if not executor.success or not any(e == "execution_success" for e, _ in executor.status_messages):
+            raise PromptFailed("prompt failed: " + describe_failure(executor.status_messages))
+        return PromptRun(prompt_id, executor.history_result["outputs"], executor.status_messages)
+
+    def read_image(self, image: dict) -> np.ndarray:
+        import folder_paths
+
+        directory = Path(folder_paths.get_directory_by_type(image.get("type", "output")))
+        return decode_png((directory / image.get("subfolder", "") / image["filename"]).read_bytes())
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> uint8 array [H,W,C] as stored (no conversion)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.array(img)
+
+
+def load_workflow(name: str) -> dict:
+    """A bundled workflow JSON from workflows/."""
+    return json.loads((WORKFLOWS_DIR / name).read_text())
+
+
+def plain_sd15_prompt(ckpt_name: str, seed: int, steps: int = 2, size: int = 64,
+                      filename_prefix: str = "xmgie_plain") -> dict:
+    """Checkpoint -> 2x CLIPTextEncode -> EmptyLatentImage -> KSampler -> VAEDecode -> SaveImage (API format)."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a man wearing a red scarf", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": filename_prefix}},
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# ComfyUI over HTTP
+# --------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """`main.py --cpu` as a subprocess on 127.0.0.1 with its own base directory; logs go to a file."""
+
+    def __init__(self, comfy_root: Path, base: Path, python: str = sys.executable) -> None:
+        self.comfy_root, self.base, self.python = comfy_root, base, python
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / "server.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300.0) -> None:
+        """Launch and block until GET /system_stats answers (or raise with the log tail)."""
+        import requests
+
+        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--base-directory", str(self.base), "--disable-auto-launch", "--dont-print-server",
+               "--disable-api-nodes", "--database-url", "sqlite:///:memory:"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(cmd, cwd=self.comfy_root, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}.\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/system_stats", timeout=5).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f}s.\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The last lines of the server log, for assertion messages."""
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return "(no server log)"
+        return "--- ComfyUI server log (tail) ---\n" + "\n".join(text)
+
+    def stop(self) -> None:
+        """Terminate the server process (kill if it does not exit)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=20)
+
+
+class ComfyClient:
+    """Minimal client for ComfyUI's HTTP + websocket API (COMFY_HOST.md sections 6.3, 6.4)."""
+
+    name = "http"
+
+    def __init__(self, server: ComfyServer) -> None:
+        import requests
+
+        self.server = server
+        self.url = server.url
+        self.client_id = str(uuid.uuid4())
+        self.http = requests.Session()
+
+    def get(self, path: str, **params: Any) -> Any:
+        """GET `path` (a requests.Response), asserting status 200 (message carries the server log tail)."""
+        r = self.http.get(self.url + path, params=params or None, timeout=60)
+        assert r.status_code == 200, f"GET {path} -> {r.status_code}: {r.text[:500]}\n{self.server.log_tail()}"
+        return r
+
+    def object_info(self, node_class: str | None = None) -> dict:
+        """GET /object_info (all nodes) or /object_info/{class}."""
+        return self.get("/object_info" + (f"/{node_class}" if node_class else "")).json()
+
+    def upload_image(self, path: Path, name: str | None = None, overwrite: bool = True) -> dict:
+        """POST /upload/image into the input folder; returns {"name","subfolder","type"}."""
+        with open(path, "rb") as f:
+            r = self.http.post(self.url + "/upload/image", files={"image": (name or path.name, f, "image/png")},
+                               data={"type": "input", "overwrite": "true" if overwrite else "false"}, timeout=60)
+        assert r.status_code == 200, f"upload of {path} -> {r.status_code}: {r.text[:500]}\n{self.server.log_tail()}"
+        return r.json()
+
+    def provide_input(self, path: Path) -> str:
+        """Upload (the headless path); returns the stored name."""
+        stored = self.upload_image(path)
+        assert stored.get("subfolder", "") == "" and stored.get("type") == "input", f"unexpected upload: {stored}"
+        return stored["name"]
+
+    def queue_prompt(self, prompt: dict, extra_data: dict | None = None) -> str:
+        """POST /prompt; returns the prompt id or raises PromptFailed with ComfyUI's node_errors."""
+        body = {"prompt": prompt, "client_id": self.client_id, "extra_data": extra_data or {}}
+        r = self.http.post(self.url + "/prompt", json=body, timeout=60)
+        if r.status_code != 200:
+            raise PromptFailed(f"POST /prompt -> {r.status_code}: {r.text[:4000]}\n{self.server.log_tail()}")
+        return r.json()["prompt_id"]
+
+    def get_history(self, prompt_id: str) -> dict:
+        """GET /history/{id} -> that prompt's entry ({} while it has not finished)."""
+        return self.get(f"/history/{prompt_id}").json().get(prompt_id, {})
+
+    def get_image(self, image: dict) -> bytes:
+        """GET /view for one {"filename","subfolder","type"} entry of a history output."""
+        return self.get("/view", filename=image["filename"], subfolder=image.get("subfolder", ""),
+                         type=image.get("type", "output")).content
+
+    def read_image(self, image: dict) -> np.ndarray:
+        return decode_png(self.get_image(image))
+
+    def wait(self, ws: Any, prompt_id: str, timeout: float) -> None:
+        """Read websocket messages until this prompt is done (executing node=None); raise on error."""
+        import websocket
+
+        deadline = time.monotonic() + timeout
+        errors: list = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PromptFailed(f"prompt {prompt_id} did not finish within {timeout:.0f}s\n{self.server.log_tail()}")
+            ws.settimeout(min(left, 30.0))
+            try:
+                frame = ws.recv()
+            except websocket.WebSocketTimeoutException:
+                continue
+            if not isinstance(frame, str):
+                continue  # binary preview frames
+            msg = json.loads(frame)
+            data = msg.get("data") or {}
+            if data.get("prompt_id") != prompt_id:
+                continue
+            if msg["type"] in ("execution_error", "execution_interrupted"):
+                errors.append((msg["type"], data))
+            elif msg["type"] == "executing" and data.get("node") is None:
+                break
+        if errors:
+            raise PromptFailed("prompt failed: " + describe_failure(errors) + "\n" + self.server.log_tail())
+
+    def run(self, prompt: dict, timeout: float = 300.0, extra_data: dict | None = None) -> PromptRun:
+        """Queue a prompt, wait for it over the websocket, and return its history outputs."""
+        import websocket
+
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.server.port}/ws?clientId={self.client_id}",
+                                         timeout=30)
+        try:
+            prompt_id = self.queue_prompt(prompt, extra_data)
+            self.wait(ws, prompt_id, timeout)
+        finally:
+            ws.close()
+        entry = self.get_history(prompt_id)
+        status = entry.get("status", {})
+        if not status.get("completed"):
+            raise PromptFailed(f"history status {status}\n" + describe_failure(status.get("messages", []))
+                               + "\n" + self.server.log_tail())
+        return PromptRun(prompt_id, entry["outputs"], status.get("messages", []))

@@ -1,0 +1,191 @@
+"""Bundled workflows, checked without ComfyUI: UI/API twins agree, nodes and inputs exist, links are
+consistent, and the thumbnails and sample images ship (and regenerate) as described."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = ROOT / "workflows"
+ASSETS = WORKFLOWS / "assets"
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))  # what ComfyUI's templates menu lists
+API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))  # a subfolder, so the menu does not list them
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+# ComfyUI core nodes the bundled workflows use (ComfyUI is not importable in CI): widget names in
+# widgets_values order (LoadImage's image_upload adds an "upload" value), required inputs, output types.
+CORE_NODES = {
+    "LoadImage": {"widgets": ["image", "upload"], "required": ["image"], "outputs": ["IMAGE", "MASK"]},
+    "SaveImage": {"widgets": ["filename_prefix"], "required": ["images", "filename_prefix"], "outputs": []},
+}
+UI_ONLY_WIDGETS = {"upload"}
+
+
+def ids(paths: list[Path]) -> list[str]:
+    return [p.name for p in paths]
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def api_twin(ui_path: Path) -> Path:
+    return WORKFLOWS / "api" / ui_path.name
+
+
+def node_spec(pack, class_type: str) -> dict:
+    """{"widgets", "required", "outputs"} for a core node (table above) or one of ours (INPUT_TYPES)."""
+    if class_type in CORE_NODES:
+        return CORE_NODES[class_type]
+    assert class_type in pack.NODE_CLASS_MAPPINGS, f"unknown node class {class_type!r}"
+    cls = pack.NODE_CLASS_MAPPINGS[class_type]
+    inputs = cls.INPUT_TYPES()
+    widgets = []
+    for section in ("required", "optional"):
+        for name, (kind, *opts) in inputs.get(section, {}).items():
+            options = opts[0] if opts else {}
+            if (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput"):
+                widgets.append(name)
+                if options.get("control_after_generate"):
+                    widgets.append(f"{name}:control_after_generate")
+    return {"widgets": widgets, "required": list(inputs.get("required", {})), "outputs": list(cls.RETURN_TYPES)}
+
+
+def test_workflow_files_come_in_twins():
+    """Every UI workflow has an API twin and vice versa; the GB workflow is among them."""
+    assert WORKFLOWS / "xmgie_gb_composite.json" in UI_FILES
+    for ui in UI_FILES:
+        assert api_twin(ui).is_file(), f"{ui.name} has no API twin {api_twin(ui).name}"
+    for api in API_FILES:
+        assert (WORKFLOWS / api.name).is_file(), f"api/{api.name} has no UI twin"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=ids(UI_FILES))
+def test_ui_workflow_is_well_formed_litegraph(path):
+    """Top-level keys, node fields, and every link consistent with both endpoints' slots and types."""
+    wf = load(path)
+    assert {"last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra"} <= set(wf)
+    assert wf["version"] == 0.4
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
+    assert wf["last_node_id"] >= max(nodes) and wf["last_link_id"] >= max(link[0] for link in wf["links"])
+    assert sorted(n["order"] for n in wf["nodes"]) == list(range(len(nodes))), "node orders are not 0..n-1"
+    for n in wf["nodes"]:
+        missing = {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
+                   "widgets_values"} - set(n)
+        assert not missing, f"node {n['id']} lacks {sorted(missing)}"
+        assert n["properties"].get("Node name for S&R") == n["type"], f"node {n['id']} S&R name"
+    links = {link[0]: link for link in wf["links"]}
+    assert len(links) == len(wf["links"]), "duplicate link ids"
+    for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        where = f"link {link_id} ({src}:{src_slot} -> {dst}:{dst_slot})"
+        assert src in nodes and dst in nodes, f"{where}: missing node"
+        assert src_slot < len(nodes[src]["outputs"]) and dst_slot < len(nodes[dst]["inputs"]), f"{where}: no slot"
+        out, inp = nodes[src]["outputs"][src_slot], nodes[dst]["inputs"][dst_slot]
+        assert link_id in (out["links"] or []), f"{where}: source output does not list it"
+        assert inp["link"] == link_id, f"{where}: target input names link {inp['link']}"
+        assert out["type"] == inp["type"] == kind, f"{where}: types {out['type']} / {inp['type']} / {kind}"
+    for n in wf["nodes"]:
+        for inp in n["inputs"]:
+            assert inp["link"] is None or inp["link"] in links, f"node {n['id']} input {inp['name']}: dangling link"
+        for out in n["outputs"]:
+            for link_id in out["links"] or []:
+                assert link_id in links, f"node {n['id']} output {out['name']}: dangling link {link_id}"
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=ids(API_FILES))
+def test_api_workflow_nodes_are_known_and_complete(path, pack):
+    """Known class types, every required input given, links point at existing outputs."""
+    prompt = load(path)
+    for node_id, node in prompt.items():
+        spec = node_spec(pack, node["class_type"])
+        missing = set(spec["required"]) - set(node["inputs"])
+        assert not missing, f"node {node_id} ({node['class_type']}) lacks required inputs {sorted(missing)}"
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):
+                src, slot = value
+                assert src in prompt, f"node {node_id}.{name} links to missing node {src}"
+                n_out = len(node_spec(pack, prompt[src]["class_type"])["outputs"])
+                assert 0 <= slot < n_out, f"node {node_id}.{name} links to output {slot} of {n_out}"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=ids(UI_FILES))
+def test_ui_and_api_twins_agree(path, pack):
+    """Same nodes; each UI link is the API's link on that input; widget values equal the API literals."""
+    ui, prompt = load(path), load(api_twin(path))
+    assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in prompt.items()}
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    for _, src, src_slot, dst, dst_slot, _ in ui["links"]:
+        name = nodes[dst]["inputs"][dst_slot]["name"]
+        assert prompt[str(dst)]["inputs"].get(name) == [str(src), src_slot], f"API node {dst}.{name} differs"
+    api_links = sum(isinstance(v, list) for node in prompt.values() for v in node["inputs"].values())
+    assert api_links == len(ui["links"]), "the API file has links the UI file lacks"
+    for n in ui["nodes"]:
+        names = node_spec(pack, n["type"])["widgets"]
+        assert len(n["widgets_values"]) == len(names), f"node {n['id']}: widgets {names} vs {n['widgets_values']}"
+        for name, value in zip(names, n["widgets_values"]):
+            if name in UI_ONLY_WIDGETS or name.endswith(":control_after_generate"):
+                continue
+            literal = prompt[str(n["id"])]["inputs"].get(name)
+            assert literal == value, \
+                f"node {n['id']} ({n['type']}) widget {name}: UI {value!r} vs API {literal!r}"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=ids(UI_FILES))
+def test_thumbnail_beside_ui_workflow(path):
+    """ComfyUI's templates menu shows <name>.jpg beside <name>.json."""
+    thumbnail = path.with_suffix(".jpg")
+    assert thumbnail.is_file(), f"no thumbnail {thumbnail.name}"
+    with Image.open(thumbnail) as img:
+        assert img.format == "JPEG" and min(img.size) >= 64, f"{thumbnail.name}: {img.format} {img.size}"
+
+
+@pytest.mark.parametrize("path", UI_FILES + API_FILES, ids=ids(UI_FILES + API_FILES))
+def test_referenced_images_ship_in_assets(path):
+    """Every image a LoadImage names exists in workflows/assets/ (small PNG)."""
+    wf = load(path)
+    if "nodes" in wf:
+        names = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LoadImage"]
+    else:
+        names = [n["inputs"]["image"] for n in wf.values() if n["class_type"] == "LoadImage"]
+    assert names, f"{path.name} loads no image"
+    for name in names:
+        asset = ASSETS / name
+        assert asset.is_file(), f"{path.name} needs {name}, missing from {ASSETS}"
+        assert asset.stat().st_size < 600 * 1024, f"{name} is {asset.stat().st_size // 1024} KB"
+
+
+def test_gb_workflow_wiring():
+    """Edited image and its alpha mask from one LoadImage, source from the other, composite mode."""
+    prompt = load(WORKFLOWS / "api" / "xmgie_gb_composite.json")
+    (gb,) = [n for n in prompt.values() if n["class_type"] == "XMGIEGBCompositor"]
+    edited, mask, source = gb["inputs"]["edited"], gb["inputs"]["mask"], gb["inputs"]["source"]
+    assert edited[1] == 0 and mask == [edited[0], 1], "mask must be the edited LoadImage's MASK output"
+    assert source[1] == 0 and source[0] != edited[0]
+    assert prompt[source[0]]["inputs"]["image"] == "xmgie_astronaut_source.png"
+    assert prompt[edited[0]]["inputs"]["image"] == "xmgie_astronaut_edit.png"
+    assert gb["inputs"]["mode"] == "composite"
+    (save,) = [n for n in prompt.values() if n["class_type"] == "SaveImage"]
+    assert save["inputs"]["filename_prefix"] == "xmgie_gb"
+
+
+def test_sample_images_regenerate_from_make_samples():
+    """The committed PNGs are exactly what workflows/assets/make_samples.py produces."""
+    spec = importlib.util.spec_from_file_location("xmgie_make_samples", ASSETS / "make_samples.py")
+    make_samples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_samples)
+    source = make_samples.source_image()
+    rgba = make_samples.edited_rgba(source)
+    assert np.array_equal(np.array(Image.open(make_samples.SOURCE_PNG)), source), "source PNG is stale"
+    stored = np.array(Image.open(make_samples.EDIT_PNG))
+    assert stored.shape == source.shape[:2] + (4,), f"edit PNG shape {stored.shape}, want RGBA"
+    assert np.array_equal(stored, rgba), "edit PNG is stale"
+    alpha = stored[..., 3]
+    assert set(np.unique(alpha)) == {0, 255}, "alpha must be 0 (edit) or 255 (keep)"
+    assert (stored[..., :3] != source).any(axis=-1)[alpha == 0].mean() > 0.99, "edit region is not visibly edited"

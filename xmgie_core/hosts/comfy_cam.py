@@ -1,0 +1,191 @@
+"""Cross-attention masking on ComfyUI's U-Net, as plain callables with ComfyUI's patch signatures.
+
+Route, chosen so CAM composes with other packs' attention patches:
+
+- an `attn2_patch` (runs before every cross-attention, never replaces anything) decides
+  whether this call is masked (U-Net level, sampling percent, which rows are the positive
+  conditioning) and arms the patch;
+- an `optimized_attention_override` (transformer_options) performs the masked attention when
+  the armed cross-attention goes through ComfyUI's optimized attention with the
+  transformer options, as the stock CrossAttention does; other rows, self-attention and any
+  call that is not the armed one go to the original function untouched;
+- an `attn2_output_patch` covers blocks where another pack's `attn2_replace` computed the
+  attention itself without passing transformer_options (IP-Adapter's Attn2Replace calls
+  optimized_attention(q, k, v, heads)): the override was never reached, so it adds
+  to_out(O_cam - O_stock) for the masked rows, leaving the other pack's own term in place.
+
+attn2_replace was not used: a replace slot holds one patch, so CAM would evict (or be
+evicted by) IP-Adapter-style patches on the same blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..cam import RegionPyramid, TokenRestriction, masked_cross_attention, stock_attention, tiled_positions
+from ..errors import XMGIEInputError
+
+LEVELS = ("input", "middle", "output")
+
+
+@dataclass(frozen=True)
+class CAMSpec:
+    """Everything a CAM patch needs, independent of ComfyUI objects."""
+
+    edit_positions: tuple[int, ...]
+    background_positions: tuple[int, ...]
+    prompt_tokens: int
+    """Context length of the prompt the positions refer to (77 per chunk)."""
+    region: RegionPyramid
+    mode: str = "renormalized"
+    strength: float = 1.0
+    levels: frozenset[str] = frozenset(LEVELS)
+    sigma_start: float = float("inf")
+    """Masking is active while sigma_end <= sigma <= sigma_start."""
+    sigma_end: float = 0.0
+
+    def restriction(self, context_tokens: int, device: torch.device) -> TokenRestriction:
+        edit = torch.tensor(self.edit_positions, dtype=torch.long, device=device)
+        back = torch.tensor(self.background_positions, dtype=torch.long, device=device)
+        return TokenRestriction(tiled_positions(edit, self.prompt_tokens, context_tokens),
+                                tiled_positions(back, self.prompt_tokens, context_tokens), self.strength)
+
+
+@dataclass
+class _Armed:
+    rows: torch.Tensor
+    region: torch.Tensor
+    restriction: TokenRestriction
+    n: torch.Tensor
+    context: torch.Tensor
+    value: torch.Tensor
+    block: tuple
+    block_index: int
+
+
+def positive_rows(batch: int, cond_or_uncond: list[int]) -> torch.Tensor:
+    """Row indices of the positive conditioning (index 0 of calc_cond_batch's conds): chunk j
+    of len(cond_or_uncond) equal chunks occupies rows j*B:(j+1)*B."""
+    per = batch // max(len(cond_or_uncond), 1)
+    return torch.tensor([j * per + i for j, c in enumerate(cond_or_uncond) if c == 0 for i in range(per)],
+                        dtype=torch.long)
+
+
+def find_attn2(diffusion_model: torch.nn.Module, block: tuple, block_index: int) -> torch.nn.Module:
+    """The cross-attention module ComfyUI is running at transformer_options' block/block_index."""
+    kind, number = block
+    container = diffusion_model.middle_block if kind == "middle" else getattr(diffusion_model, f"{kind}_blocks")[number]
+    for module in container.modules():
+        if hasattr(module, "transformer_blocks"):
+            return module.transformer_blocks[block_index].attn2
+    raise XMGIEInputError(f"No cross-attention found in U-Net block {block}.")
+
+
+class CrossAttentionMaskPatch:
+    """attn2_patch + optimized_attention_override + attn2_output_patch for one CAM spec.
+
+    Install with `install(model_options, ...)` on a cloned ModelPatcher's options. Heavy state
+    is shared on clone (__deepcopy__ returns self), as ComfyUI deep-copies patch objects.
+    """
+
+    def __init__(self, spec: CAMSpec, diffusion_model: torch.nn.Module | None = None,
+                 previous_override: Callable | None = None):
+        self.spec = spec
+        self.diffusion_model = diffusion_model
+        self.previous_override = previous_override
+        self._armed: _Armed | None = None
+
+    def __deepcopy__(self, memo: dict) -> "CrossAttentionMaskPatch":
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> "CrossAttentionMaskPatch":
+        return self  # masks are moved per call; nothing to cast
+
+    # -- attn2_patch: n, context, value = p(n, context, value, extra_options)
+    def arm(self, n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra_options: dict):
+        self._armed = None
+        spec = self.spec
+        block = extra_options.get("block")
+        sigmas = extra_options.get("sigmas")
+        if block is None or block[0] not in spec.levels:
+            return n, context, value
+        if sigmas is not None and not (spec.sigma_end - 1e-5 <= float(sigmas.max()) <= spec.sigma_start + 1e-5):
+            return n, context, value
+        rows = positive_rows(n.shape[0], list(extra_options.get("cond_or_uncond", [0])))
+        if rows.numel() == 0:
+            return n, context, value
+        h, w = extra_options["activations_shape"][-2:]
+        region = spec.region.grid(int(h), int(w), n.device)
+        per = n.shape[0] // max(len(extra_options.get("cond_or_uncond", [0])), 1)
+        if region.shape[0] not in (1, per):
+            raise XMGIEInputError(
+                f"The CAM mask has batch {region.shape[0]} but the latent batch is {per}; "
+                "give one mask, or one per latent."
+            )
+        region = region[(rows % per) % region.shape[0]]
+        self._armed = _Armed(rows.to(n.device), region, spec.restriction(context.shape[1], n.device), n, context,
+                             value if value is not None else context, block, int(extra_options.get("block_index", 0)))
+        return n, context, value
+
+    # -- optimized_attention_override: out = override(func, q, k, v, heads, **kwargs)
+    def __call__(self, func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        inner = self._inner(func)
+        armed = self._armed
+        plain = args or kwargs.get("mask") is not None or kwargs.get("skip_reshape") or kwargs.get("skip_output_reshape")
+        if armed is None or plain or q.ndim != 3 or k.shape[1] != armed.context.shape[1] \
+                or q.shape[:2] != armed.n.shape[:2]:
+            return inner(q, k, v, heads, *args, **kwargs)
+        self._armed = None
+        return self._masked_rows(inner, q, k, v, heads, armed, kwargs)
+
+    def _inner(self, func: Callable) -> Callable:
+        if self.previous_override is None:
+            return func
+        return lambda *a, **kw: self.previous_override(func, *a, **kw)
+
+    def _masked_rows(self, inner: Callable, q, k, v, heads, armed: _Armed, kwargs: dict) -> torch.Tensor:
+        rows = armed.rows
+        masked = masked_cross_attention(q[rows], k[rows], v[rows], heads, armed.region, armed.restriction,
+                                        self.spec.mode)
+        if rows.numel() == q.shape[0]:
+            return masked
+        keep = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+        keep[rows] = False
+        other = inner(q[keep], k[keep], v[keep], heads, **kwargs)
+        out = torch.empty(q.shape[0], *other.shape[1:], dtype=other.dtype, device=other.device)
+        out[keep] = other
+        out[rows] = masked.to(other.dtype)
+        return out
+
+    # -- attn2_output_patch: n = p(n, extra_options)
+    def correct_output(self, n: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        armed, self._armed = self._armed, None
+        if armed is None:
+            return n
+        if self.diffusion_model is None:
+            raise XMGIEInputError("CAM could not reach this block's attention: another patch replaced it and no "
+                                  "U-Net was given for the output correction.")
+        attn = find_attn2(self.diffusion_model, armed.block, armed.block_index)
+        rows = armed.rows
+        heads = extra_options["n_heads"]
+        q = attn.to_q(armed.n[rows])
+        k, v = attn.to_k(armed.context[rows]), attn.to_v(armed.value[rows])
+        delta = masked_cross_attention(q, k, v, heads, armed.region, armed.restriction, self.spec.mode) \
+            - stock_attention(q, k, v, heads)
+        n = n.clone()
+        n[rows] = n[rows] + F.linear(delta, attn.to_out[0].weight).to(n.dtype)
+        return n
+
+
+def install(model_options: dict, patch: CrossAttentionMaskPatch) -> None:
+    """Register the three callables in a (cloned) ModelPatcher's model_options, in place."""
+    to = model_options.setdefault("transformer_options", {})
+    patches = to.setdefault("patches", {})
+    patches["attn2_patch"] = patches.get("attn2_patch", []) + [patch.arm]
+    patches["attn2_output_patch"] = patches.get("attn2_output_patch", []) + [patch.correct_output]
+    to["optimized_attention_override"] = patch
