@@ -1,14 +1,17 @@
 """ComfyUI nodes: one module per technique, each a thin wrapper over xmgie_core."""
 
+from .cross_attention_mask import XMGIECrossAttentionMask
 from .gb_compositor import XMGIEGBCompositor
 from .samples import install_samples
 
 NODE_CLASS_MAPPINGS = {
     "XMGIEGBCompositor": XMGIEGBCompositor,
+    "XMGIECrossAttentionMask": XMGIECrossAttentionMask,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "XMGIEGBCompositor": "XMGIE GB Compositor",
+    "XMGIECrossAttentionMask": "XMGIE Cross-Attention Mask",
 }
 
 install_samples()

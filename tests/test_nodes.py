@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import types
+
 import pytest
 import torch
 
@@ -13,7 +16,7 @@ def test_every_node_is_mapped_with_a_display_name(pack):
         assert display.startswith("XMGIE ")
 
 
-@pytest.mark.parametrize("name", ["XMGIEGBCompositor"])
+@pytest.mark.parametrize("name", ["XMGIEGBCompositor", "XMGIECrossAttentionMask"])
 def test_node_contract(pack, name):
     cls = pack.NODE_CLASS_MAPPINGS[name]
     assert cls.CATEGORY.startswith("xMGIE/")
@@ -57,3 +60,69 @@ def test_samples_are_copied_into_comfy_input_without_overwriting(pack, tmp_path,
     assert [p.name for p in copied] == ["xmgie_astronaut_edit.png"]
     assert (tmp_path / "xmgie_astronaut_source.png").read_bytes() == b"user's own file"
     assert pack.nodes.samples.install_samples() == []
+
+
+class _FakeSampling:
+    def percent_to_sigma(self, p: float) -> float:
+        return 14.6 * (1 - p)
+
+
+class _FakeModelPatcher:
+    """The ModelPatcher surface the CAM node uses: clone(), model_options, get_model_object, model.diffusion_model."""
+
+    def __init__(self):
+        self.model_options = {"transformer_options": {}}
+        self.model = types.SimpleNamespace(diffusion_model=torch.nn.Identity())
+
+    def clone(self):
+        c = _FakeModelPatcher()
+        c.model_options = copy.deepcopy(self.model_options)
+        c.model = self.model
+        return c
+
+    def get_model_object(self, name):
+        assert name == "model_sampling"
+        return _FakeSampling()
+
+
+def _fake_clip(clip_tokenizer, prompt):
+    ids = clip_tokenizer(prompt, padding="max_length", max_length=77)["input_ids"]
+    inv = {v: k for k, v in clip_tokenizer.get_vocab().items()}
+    sd_tok = types.SimpleNamespace(tokenizer=clip_tokenizer, start_token=49406, end_token=49407, pad_token=49407,
+                                   inv_vocab=inv)
+    return types.SimpleNamespace(tokenize=lambda text: {"l": [[(t, 1.0) for t in ids]]},
+                                 tokenizer=types.SimpleNamespace(clip_l=sd_tok))
+
+
+def test_cam_node_patches_a_clone(pack, clip_tokenizer):
+    node = pack.NODE_CLASS_MAPPINGS["XMGIECrossAttentionMask"]()
+    prompt = "a man wearing a red scarf in a park"
+    model, clip = _FakeModelPatcher(), _fake_clip(clip_tokenizer, prompt)
+    (patched,) = node.patch(model, clip, prompt, "red scarf", torch.ones(1, 64, 64), "paper", 0.5, 0.8,
+                            True, False, True, 0.25, 0.75, "park")
+    assert model.model_options == {"transformer_options": {}}
+    to = patched.model_options["transformer_options"]
+    cam = to["optimized_attention_override"]
+    assert to["patches"]["attn2_patch"] == [cam.arm] and to["patches"]["attn2_output_patch"] == [cam.correct_output]
+    spec = cam.spec
+    assert spec.edit_positions == (5, 6) and spec.background_positions == (9,) and spec.prompt_tokens == 77
+    assert spec.levels == frozenset({"input", "output"}) and spec.mode == "paper" and spec.strength == 0.8
+    assert (spec.sigma_start, spec.sigma_end) == pytest.approx((14.6 * 0.75, 14.6 * 0.25))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"start_percent": 0.6, "end_percent": 0.4}, "start_percent"),
+    ({"input_blocks": False, "middle_block": False, "output_blocks": False}, "No U-Net level"),
+    ({"edit_words": "blue hat"}, "not in the prompt"),
+    ({"mask": torch.zeros(1, 8, 8)}, "empty"),
+    ({"background_words": "red"}, "both edit words and background"),
+])
+def test_cam_node_user_errors(pack, clip_tokenizer, change, message):
+    node = pack.NODE_CLASS_MAPPINGS["XMGIECrossAttentionMask"]()
+    prompt = "a man wearing a red scarf in a park"
+    args = dict(model=_FakeModelPatcher(), clip=_fake_clip(clip_tokenizer, prompt), prompt=prompt,
+                edit_words="red scarf", mask=torch.ones(1, 8, 8), mode="renormalized", threshold=0.5, strength=1.0,
+                input_blocks=True, middle_block=True, output_blocks=True, start_percent=0.0, end_percent=1.0)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        node.patch(**args)

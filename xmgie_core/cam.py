@@ -75,6 +75,17 @@ class TokenRestriction:
     """Positions allowed only outside the region (LongTensor)."""
     strength: float = 1.0
 
+    def __post_init__(self) -> None:
+        edit, back = self.edit.long().flatten().unique(), self.background.long().flatten().unique()
+        if not 0.0 <= self.strength <= 1.0:
+            raise XMGIEInputError(f"CAM strength must be in [0, 1], got {self.strength}.")
+        both = set(edit.tolist()) & set(back.tolist())
+        if both:
+            raise XMGIEInputError(f"Tokens at positions {sorted(both)} are both edit words and background words; "
+                                  "a word can only be one of them.")
+        object.__setattr__(self, "edit", edit)
+        object.__setattr__(self, "background", back.to(edit.device))
+
     def weights(self, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(restricted positions [R], M [B, Nq, R]) for a region [B, Nq] in {0, 1}."""
         r = region.float()

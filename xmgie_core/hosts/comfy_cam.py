@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..cam import RegionPyramid, TokenRestriction, masked_cross_attention, stock_attention, tiled_positions
+from ..cam import MODES, RegionPyramid, TokenRestriction, masked_cross_attention, stock_attention, tiled_positions
 from ..errors import XMGIEInputError
 
 LEVELS = ("input", "middle", "output")
@@ -47,6 +47,12 @@ class CAMSpec:
     sigma_start: float = float("inf")
     """Masking is active while sigma_end <= sigma <= sigma_start."""
     sigma_end: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise XMGIEInputError(f"Unknown CAM mode {self.mode!r}; use one of {', '.join(MODES)}.")
+        TokenRestriction(torch.tensor(self.edit_positions, dtype=torch.long),  # validates overlap and strength
+                         torch.tensor(self.background_positions, dtype=torch.long), self.strength)
 
     def restriction(self, context_tokens: int, device: torch.device) -> TokenRestriction:
         edit = torch.tensor(self.edit_positions, dtype=torch.long, device=device)

@@ -1,0 +1,80 @@
+"""XMGIE Cross-Attention Mask node: restrict edit words to the mask region (seed 000 eqs 10-12)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..xmgie_core import cam
+from ..xmgie_core.cam import RegionPyramid
+from ..xmgie_core.errors import XMGIEInputError
+from ..xmgie_core.hosts.comfy_cam import CAMSpec, CrossAttentionMaskPatch, install
+from ..xmgie_core.tokens import comfy_token_positions
+
+
+class XMGIECrossAttentionMask:
+    """Patch a MODEL so chosen prompt words act only inside a mask (and background words only outside)."""
+
+    CATEGORY = "xMGIE/attention"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A patched clone of the model; the input model is unchanged.",)
+    DESCRIPTION = (
+        "Cross-attention masking (PFB-Diff CAM): the edit words' cross-attention is masked so they influence the "
+        "image only inside the mask; optional background words are kept out of it. Use the same prompt text "
+        "for the positive CLIP Text Encode that feeds the sampler."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to patch (it is cloned, never changed)."}),
+                "clip": ("CLIP", {"tooltip": "The CLIP used to encode the positive prompt (for token positions)."}),
+                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The positive prompt text, "
+                                      "exactly as given to the positive CLIP Text Encode."}),
+                "edit_words": ("STRING", {"default": "", "tooltip": "Words of the prompt that may act only inside "
+                                          "the mask, e.g. 'red scarf'. Separate several phrases with commas."}),
+                "mask": ("MASK", {"tooltip": "Edit region (1 = edit), any resolution with the image's aspect ratio; "
+                                  "one mask, or one per latent in the batch."}),
+                "mode": (list(cam.MODES), {"default": "renormalized", "tooltip": "renormalized: masked words get "
+                         "-inf scores outside the region, rows still sum to 1. paper: A*M without renormalisation "
+                         "(eqs 10-12 as written)."}),
+                "threshold": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip":
+                              "A cell of a coarse attention grid is inside the region when at least this fraction "
+                              "of it is masked (a region never vanishes: its best-covered cell stays)."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                             "1 = the words have no effect outside the region; 0 = no masking."}),
+                "input_blocks": ("BOOLEAN", {"default": True, "tooltip": "Mask the U-Net's input (encoder) blocks."}),
+                "middle_block": ("BOOLEAN", {"default": True, "tooltip": "Mask the U-Net's middle block."}),
+                "output_blocks": ("BOOLEAN", {"default": True, "tooltip": "Mask the U-Net's output (decoder) blocks."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                            "tooltip": "Start masking at this fraction of the sampling schedule."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                          "tooltip": "Stop masking after this fraction of the sampling schedule."}),
+            },
+            "optional": {
+                "background_words": ("STRING", {"default": "", "tooltip": "Words of the prompt kept out of the "
+                                                "region (act only outside it), e.g. 'snowy park'. May be empty."}),
+            },
+        }
+
+    def patch(self, model, clip, prompt: str, edit_words: str, mask: torch.Tensor, mode: str, threshold: float,
+              strength: float, input_blocks: bool, middle_block: bool, output_blocks: bool, start_percent: float,
+              end_percent: float, background_words: str = ""):
+        if start_percent >= end_percent:
+            raise XMGIEInputError(f"start_percent ({start_percent}) must be below end_percent ({end_percent}).")
+        levels = frozenset(n for n, on in (("input", input_blocks), ("middle", middle_block),
+                                           ("output", output_blocks)) if on)
+        if not levels:
+            raise XMGIEInputError("No U-Net level selected: enable input_blocks, middle_block or output_blocks.")
+        edit, length = comfy_token_positions(clip, prompt, edit_words, "edit words")
+        background = comfy_token_positions(clip, prompt, background_words, "background words")[0] \
+            if background_words.strip() else []
+        sampling = model.get_model_object("model_sampling")
+        spec = CAMSpec(tuple(edit), tuple(background), length, RegionPyramid(mask, threshold), mode, strength, levels,
+                       float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent)))
+        m = model.clone()
+        previous = m.model_options.get("transformer_options", {}).get("optimized_attention_override")
+        install(m.model_options, CrossAttentionMaskPatch(spec, m.model.diffusion_model, previous))
+        return (m,)
