@@ -1,18 +1,36 @@
-"""Timing and peak-memory helpers shared by the benchmark scripts (same-process ratios)."""
+"""Timing and peak-memory helpers shared by the benchmark scripts (same-process ratios).
+
+Memory is read in a child process of the same script (`memory_phase`), started with glibc
+serving allocations over 64 KiB by mmap so resident memory follows live tensors; baseline and
+candidate are measured in that one child. Times come from the parent, with the normal allocator.
+"""
 
 from __future__ import annotations
 
-import ctypes
+import json
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from typing import Callable
 
-import torch
+MEMORY_FLAG = "--memory-phase"
 
-# Serve allocations over 64 KiB with mmap (and give them back on free), so resident memory
-# follows live tensors instead of glibc's heap high-water mark (M_MMAP_THRESHOLD = -3).
-ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
+
+def time_calls(fns: dict[str, Callable[[], object]], rounds: int = 5) -> dict[str, float]:
+    """Median seconds per call of each fn, measured in interleaved rounds (baseline and candidates
+    alternate, so drifts in machine speed hit them alike), after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _rss_bytes() -> int:
@@ -20,52 +38,38 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every millisecond (CPU runs)."""
-
-    def __enter__(self) -> "PeakRSS":
-        self.base = self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-
-    @property
-    def delta_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
-
-
-def measure(fn: Callable[[], object], repeats: int = 5) -> tuple[float, float]:
-    """(median seconds, peak extra MB) of fn() after one warm-up call.
-
-    Times are taken without the memory sampler running; memory in one extra sampled call.
-    """
+def peak_mb(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Peak resident memory (MB) above the level before the calls, sampled every 0.2 ms
+    (meaningful in the memory phase, see module doc)."""
     fn()
-    times = []
+    base = peak = _rss_bytes()
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(0.0002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
     for _ in range(repeats):
-        t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    with PeakRSS() as mem:
-        fn()
-    return statistics.median(times), mem.delta_mb
+    stop.set()
+    thread.join()
+    return (max(peak, _rss_bytes()) - base) / 2**20
 
 
-def cuda_peak(fn: Callable[[], object]) -> float:
-    """Peak CUDA memory (MB) allocated during fn()."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+def in_memory_phase() -> bool:
+    return MEMORY_FLAG in sys.argv
+
+
+def memory_phase(results: object | None = None) -> dict:
+    """In the child: print `results` as JSON. In the parent: run the child, return its JSON."""
+    if in_memory_phase():
+        print(json.dumps(results))
+        return {}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    out = subprocess.run([sys.executable, sys.argv[0], *sys.argv[1:], MEMORY_FLAG], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])

@@ -273,3 +273,18 @@ def test_kernel_is_normalised_and_truncated_at_four_sigma():
     k = gaussian_kernel_1d(2.5)
     assert k.shape == (2 * 10 + 1,) and k.sum() == pytest.approx(1.0)
     assert k[10] == k.max()
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), h=st.integers(1, 40), w=st.integers(1, 40), kind=st.sampled_from(["noise", "blob"]),
+       cap=st.floats(0.0, 12.0))
+def test_windowed_distances_are_exact_up_to_the_cap(seed, h, w, kind, cap):
+    m = (_random_mask(seed, h, w, kind) >= 0.5)[None]
+    d_in, d_out = distance_to_boundary(m, cap)
+    full_in = ndimage.distance_transform_edt(m[0].numpy()) if not m.all() else np.full((h, w), np.inf)
+    full_out = ndimage.distance_transform_edt(~m[0].numpy()) if m.any() else np.full((h, w), np.inf)
+    np.testing.assert_allclose(d_in[0].numpy(), full_in, atol=1e-4)
+    near = full_out <= cap
+    np.testing.assert_allclose(d_out[0].numpy()[near], full_out[near], atol=1e-4)
+    assert bool((d_out[0].numpy()[~near] > cap).all())
+    np.testing.assert_allclose(distance_to_outside(m)[0].numpy(), full_in, atol=1e-4)

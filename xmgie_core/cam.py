@@ -10,10 +10,12 @@ M[q, t] in [0, 1] (1 for unrestricted tokens):
 For an edit token M[q, t] = 1 - s (1 - R[q]); for a background token M[q, t] = 1 - s R[q],
 with R the binary region at the layer's resolution and s the strength.
 
-Neither mode builds the [B, heads, Nq, Nk] probability matrix: "renormalized" is one fused
-scaled_dot_product_attention call with an additive [B, 1, Nq, Nk] mask; "paper" is one fused
-call that also returns the log-sum-exp, then subtracts the few restricted tokens' terms,
-O = O_stock - sum_t (1 - M[q, t]) exp(S[q, t] - lse[q]) V_t.
+Neither mode builds the [B, heads, Nq, Nk] probability matrix: each is one fused
+scaled_dot_product_attention call with a [B, 1, Nq, Nk'] mask, which is exactly "renormalized".
+For "paper" the removed share of each restricted token t stays in the softmax denominator: t's
+key is appended once more with a zero value and weight 1 - M[q, t], so
+
+  sum_t' M e^S V / (sum_t' M e^S + sum_t (1 - M) e^S) = sum_t' A M V = A^M V.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import torch.nn.functional as F
 from .errors import XMGIEInputError
 
 MODES = ("renormalized", "paper")
-LSE_CHUNK = 1024
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -46,23 +47,6 @@ def stock_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     """softmax(Q K^T / sqrt(d)) V on [B, N, heads*d] tensors (the baseline the kernel is measured against)."""
     out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
     return merge_heads(out)
-
-
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax(S) V, logsumexp(S) over keys) for [B, heads, N, d] inputs, S = Q K^T / sqrt(d).
-
-    On the CPU one fused flash-attention call returns both. Elsewhere the output comes from
-    scaled_dot_product_attention and the log-sum-exp from query chunks of LSE_CHUNK rows, so
-    at most [B, heads, LSE_CHUNK, Nk] scores exist at once.
-    """
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
-        return out, lse
-    out = F.scaled_dot_product_attention(q, k, v)
-    scale = q.shape[-1] ** -0.5
-    lse = torch.cat([torch.logsumexp((c @ k.transpose(-1, -2)).float() * scale, dim=-1)
-                     for c in q.split(LSE_CHUNK, dim=2)], dim=2)
-    return out, lse
 
 
 @dataclass(frozen=True)
@@ -86,41 +70,50 @@ class TokenRestriction:
         object.__setattr__(self, "edit", edit)
         object.__setattr__(self, "background", back.to(edit.device))
 
-    def weights(self, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(restricted positions [R], M [B, Nq, R]) for a region [B, Nq] in {0, 1}."""
-        r = region.float()
-        s = self.strength
-        m_edit = (1 - s * (1 - r))[..., None].expand(*r.shape, self.edit.numel())
-        m_back = (1 - s * r)[..., None].expand(*r.shape, self.background.numel())
-        return torch.cat([self.edit, self.background]), torch.cat([m_edit, m_back], dim=-1)
+    def keep_rows(self, nk: int, paper: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """M for a query inside / outside the region over the nk context tokens: 1 for unrestricted
+        tokens, 1 - s (1 - R) for edit tokens, 1 - s R for background tokens. With `paper`, the
+        removed shares 1 - M of the restricted tokens follow (weights of their value-less copies)."""
+        inside = torch.ones(nk, device=device)
+        outside = torch.ones(nk, device=device)
+        outside[self.edit.to(device)] = 1 - self.strength
+        inside[self.background.to(device)] = 1 - self.strength
+        if paper:
+            positions = torch.cat([self.edit, self.background]).to(device)
+            inside, outside = (torch.cat([row, 1 - row[positions]]) for row in (inside, outside))
+        return inside, outside
+
+
+def attention_mask(rows: tuple[torch.Tensor, torch.Tensor], region: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Mask [B, 1, Nq, Nk] from per-token weights for inside/outside queries and a region [B, Nq]:
+    boolean when every weight is 0 or 1, else log M (additive). Only the result is full size."""
+    inside, outside = rows
+    if bool(((inside == 0) | (inside == 1)).all() and ((outside == 0) | (outside == 1)).all()):
+        inside, outside = inside > 0, outside > 0
+    else:
+        inside, outside = torch.log(inside).to(dtype), torch.log(outside).to(dtype)
+    return torch.where(region[:, None, :, None] >= 0.5, inside, outside)
 
 
 def masked_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, region: torch.Tensor,
                            restriction: TokenRestriction, mode: str = "renormalized") -> torch.Tensor:
-    """CAM attention (eqs 10-12) on q [B, Nq, heads*d], k/v [B, Nk, heads*d], region [B or 1, Nq].
+    """CAM attention (eqs 10-12) on q [B, Nq, heads*d], k/v [B, Nk, heads*d], region [B or 1, Nq] in {0, 1}.
 
     Returns [B, Nq, heads*d] in q's dtype. Every row is masked; callers pass only the rows to mask.
     """
     if mode not in MODES:
         raise XMGIEInputError(f"Unknown CAM mode {mode!r}; use one of {', '.join(MODES)}.")
-    b, nq, _ = q.shape
     nk = k.shape[1]
-    positions, m = restriction.weights(region.to(q.device).expand(b, nq))
+    positions = torch.cat([restriction.edit, restriction.background]).to(q.device)
     if positions.numel() and int(positions.max()) >= nk:
         raise XMGIEInputError(f"CAM token position {int(positions.max())} is outside the context ({nk} tokens).")
-    positions = positions.to(q.device)
-    qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
-    if mode == "renormalized":
-        bias = torch.zeros(b, 1, nq, nk, device=q.device, dtype=q.dtype)
-        bias[:, 0, :, positions] = torch.log(m).to(q.dtype)
-        return merge_heads(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias))
-    out, lse = attention_with_lse(qh, kh, vh)
-    if positions.numel() == 0:
-        return merge_heads(out)
-    scale = qh.shape[-1] ** -0.5
-    scores = (qh @ kh[:, :, positions].transpose(-1, -2)).float() * scale  # [B, h, Nq, R]
-    removed = torch.exp(scores - lse.float()[..., None]) * (1 - m[:, None])
-    out = out - (removed.to(vh.dtype) @ vh[:, :, positions])
+    paper = mode == "paper" and positions.numel() > 0
+    if paper:
+        k = torch.cat([k, k[:, positions]], dim=1)
+        v = torch.cat([v, torch.zeros_like(v[:, positions])], dim=1)
+    mask = attention_mask(restriction.keep_rows(nk, paper, q.device), region.to(q.device), q.dtype)
+    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
+                                         attn_mask=mask)
     return merge_heads(out)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .distance import distance_to_boundary, distance_to_outside
+from .distance import distance_to_boundary, distance_to_outside, window
 from .errors import XMGIEInputError
 from .gaussian import TILE, blur_tiles, kernel_radius, level_sigmas, snap_sigma
 from .tiles import TileSet
@@ -120,7 +120,8 @@ def gb_composite(edited: torch.Tensor, source: torch.Tensor, mask: torch.Tensor,
     """out = source (1 - alpha) + edited alpha with alpha from `edge_alpha`.
 
     Pixels with alpha 0 (farther outside the mask than edge_width, or an empty mask) are the
-    source exactly; pixels with alpha 1 are the edit exactly; only the others are blended.
+    source exactly; pixels with alpha 1 are the edit exactly; only the others are blended. Work
+    is done on the masks' bounding box grown by the edge; elsewhere the output is a source copy.
     """
     _check_params(sigma_max, sigma_scale)
     if not edge_width >= 0:
@@ -129,12 +130,20 @@ def gb_composite(edited: torch.Tensor, source: torch.Tensor, mask: torch.Tensor,
     check_image(source, "source image")
     edited, source = matching_images(edited, source, "edited image", "source image")
     m = binarize(mask_for_image(mask, edited, "mask", "edited image"))
-    d_in, d_out = (d.to(edited.device) for d in distance_to_boundary(m))
-    alpha = edge_alpha(m, d_in, d_out, sigma_max, sigma_scale, edge_width)
-    image = torch.where(m.unsqueeze(-1), edited, source)
-    soft = (alpha > 0) & (alpha < 1)
-    a = alpha[soft].unsqueeze(-1)
-    image[soft] = torch.lerp(source[soft].float(), edited[soft].float(), a).to(image.dtype)
+    image = source.clone()
+    alpha = torch.zeros(m.shape, dtype=torch.float32, device=m.device)
+    if not bool(m.any()):
+        return GBResult(image, alpha.to(edited.dtype))
+    cap = min(edge_width, active_distance(sigma_max, sigma_scale))  # farther out, alpha is 0 anyway
+    rows, cols = window(m.any(dim=0), int(min(cap, max(m.shape[1:]))) + 1)
+    m_w, src_w, edit_w = m[:, rows, cols], source[:, rows, cols], edited[:, rows, cols]
+    d_in, d_out = (d.to(edited.device) for d in distance_to_boundary(m_w, cap))
+    a_w = edge_alpha(m_w, d_in, d_out, sigma_max, sigma_scale, edge_width)
+    out_w = torch.where(m_w.unsqueeze(-1), edit_w, src_w)
+    soft = (a_w > 0) & (a_w < 1)
+    out_w[soft] = torch.lerp(src_w[soft].float(), edit_w[soft].float(), a_w[soft].unsqueeze(-1)).to(image.dtype)
+    image[:, rows, cols] = out_w
+    alpha[:, rows, cols] = a_w
     return GBResult(image, alpha.to(edited.dtype))
 
 
