@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..xmgie_core import gb
+from .progress import comfy_progress
 
 
 class XMGIEGBCompositor:
@@ -50,5 +51,5 @@ class XMGIEGBCompositor:
 
     def composite(self, edited: torch.Tensor, mask: torch.Tensor, mode: str, sigma_max: float, sigma_scale: float,
                   edge_width: float, source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        res = gb.apply_gb(edited, mask, mode, source, sigma_max, sigma_scale, edge_width)
+        res = gb.apply_gb(edited, mask, mode, source, sigma_max, sigma_scale, edge_width, comfy_progress())
         return res.image, res.mask

@@ -288,3 +288,19 @@ def test_windowed_distances_are_exact_up_to_the_cap(seed, h, w, kind, cap):
     np.testing.assert_allclose(d_out[0].numpy()[near], full_out[near], atol=1e-4)
     assert bool((d_out[0].numpy()[~near] > cap).all())
     np.testing.assert_allclose(distance_to_outside(m)[0].numpy(), full_in, atol=1e-4)
+
+
+def test_blur_reports_progress_and_can_be_interrupted():
+    img = torch.rand(1, 40, 40, 3)
+    mask = torch.zeros(40, 40)
+    mask[10:30, 10:30] = 1
+    calls = []
+    gb.gb_blur(img, mask, progress=lambda done, total: calls.append((done, total)))
+    total = calls[-1][1]
+    assert calls == [(k, total) for k in range(1, total + 1)] and total > 5
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        gb.gb_blur(img, mask, progress=interrupt)

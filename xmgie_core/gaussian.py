@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -137,29 +138,30 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return _separable_blur_valid(F.pad(x, (r, r, r, r), mode="replicate"), sigma)
 
 
-def blur_tiles(patches: torch.Tensor, sigma: torch.Tensor, levels: tuple[float, ...]) -> torch.Tensor:
+def blur_tiles(patches: torch.Tensor, sigma: torch.Tensor, levels: tuple[float, ...],
+               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Variable blur of tiles: patches [n,C,T+2R,T+2R] (halo R = kernel_radius(levels[-1])),
     per-pixel sigma [n,T,T] within [0, levels[-1]] -> [n,C,T,T].
 
-    Every level blurs the tiles once; each pixel lerps the two levels bracketing its sigma.
+    Each pixel lerps the two levels bracketing its sigma; a level no pixel needs is skipped.
+    `progress(done, total)` is called after each level.
     """
     big_r = kernel_radius(levels[-1])
     t_size = patches.shape[-1] - 2 * big_r
     lv = torch.tensor(levels, device=sigma.device, dtype=torch.float32)
-    hi = torch.searchsorted(lv, sigma.contiguous()).clamp(1, len(levels) - 1)
+    hi = torch.searchsorted(lv, sigma.contiguous()).clamp(1, len(levels) - 1).unsqueeze(1)
     lo = hi - 1
-    t = ((sigma - lv[lo]) / (lv[hi] - lv[lo])).unsqueeze(1)
-    centre = patches[:, :, big_r:big_r + t_size, big_r:big_r + t_size]
-    stack = [centre]
-    for level in levels[1:]:
-        r = kernel_radius(level)
-        stack.append(_separable_blur_valid(patches[:, :, big_r - r:big_r + t_size + r, big_r - r:big_r + t_size + r],
-                                           level).to(patches.device))
-    stack = torch.stack(stack, dim=1)  # [n, L, C, T, T]
-    c = patches.shape[1]
-    below = stack.gather(1, lo[:, None, None].expand(-1, 1, c, -1, -1)).squeeze(1)
-    above = stack.gather(1, hi[:, None, None].expand(-1, 1, c, -1, -1)).squeeze(1)
-    return torch.lerp(below, above, t)
+    t = (sigma.unsqueeze(1) - lv[lo]) / (lv[hi] - lv[lo])
+    out = patches[:, :, big_r:big_r + t_size, big_r:big_r + t_size] * torch.where(lo == 0, 1 - t, 0.0)
+    for k in range(1, len(levels)):
+        weight = torch.where(lo == k, 1 - t, 0.0) + torch.where(hi == k, t, 0.0)
+        if bool(weight.any()):
+            r = kernel_radius(levels[k])
+            window = patches[:, :, big_r - r:big_r + t_size + r, big_r - r:big_r + t_size + r]
+            out += weight * _separable_blur_valid(window, levels[k]).to(patches.device)
+        if progress is not None:
+            progress(k, len(levels) - 1)
+    return out
 
 
 def level_sigmas(sigma_max: float, tol: float = TOLERANCE) -> tuple[float, ...]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -30,6 +31,8 @@ from .validation import check_image, mask_for_image, matching_images
 SIGMA_MAX = 5.0
 SIGMA_SCALE = 10.0
 EDGE_WIDTH = 16.0
+
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def active_distance(sigma_max: float, sigma_scale: float) -> float:
 
 
 def _blur_band(x: torch.Tensor, distance: torch.Tensor, active: torch.Tensor, sigma_max: float,
-               sigma_scale: float) -> tuple[TileSet, torch.Tensor]:
+               sigma_scale: float, progress: Progress | None = None) -> tuple[TileSet, torch.Tensor]:
     """Eq 18 + the variable blur on the tiles covering `active` [B,H,W]: x [B,C,H,W] blurred with
     sigma(distance) where active (elsewhere unchanged). Returns the tiles and [n,C,T,T] values."""
     levels = level_sigmas(sigma_max)
@@ -76,12 +79,14 @@ def _blur_band(x: torch.Tensor, distance: torch.Tensor, active: torch.Tensor, si
     sigma = sigma_map(tiles.gather(distance[:, None])[:, 0], sigma_max, sigma_scale).clamp(max=levels[-1])
     sigma = torch.where(tiles.gather(active[:, None])[:, 0], sigma, 0.0)
     patches = tiles.gather(x.float(), halo=kernel_radius(levels[-1]))
-    return tiles, blur_tiles(patches, sigma, levels)
+    return tiles, blur_tiles(patches, sigma, levels, progress)
 
 
 def gb_blur(edited: torch.Tensor, mask: torch.Tensor, sigma_max: float = SIGMA_MAX,
-            sigma_scale: float = SIGMA_SCALE) -> GBResult:
-    """Eq 19: X_blur = X_edit (1 - M) + (X_edit * G_sigma(D)) M, with sigma from eq 18."""
+            sigma_scale: float = SIGMA_SCALE, progress: Progress | None = None) -> GBResult:
+    """Eq 19: X_blur = X_edit (1 - M) + (X_edit * G_sigma(D)) M, with sigma from eq 18.
+
+    `progress(done, total)` is called per blur level (it may raise to interrupt)."""
     _check_params(sigma_max, sigma_scale)
     check_image(edited, "edited image")
     m = binarize(mask_for_image(mask, edited, "mask", "edited image"))
@@ -89,7 +94,7 @@ def gb_blur(edited: torch.Tensor, mask: torch.Tensor, sigma_max: float = SIGMA_M
     image = edited.clone()
     active = m & (d < active_distance(sigma_max, sigma_scale))
     if bool(active.any()):
-        tiles, blurred = _blur_band(_to_bchw(edited), d, active, sigma_max, sigma_scale)
+        tiles, blurred = _blur_band(_to_bchw(edited), d, active, sigma_max, sigma_scale, progress)
         tiles.scatter(_to_bchw(image), blurred)
     strength = torch.where(m, sigma_map(d, 1.0, sigma_scale), 0.0) if sigma_max > 0 else torch.zeros_like(d)
     return GBResult(image, strength.to(edited.dtype))
@@ -152,10 +157,10 @@ MODES = ("composite", "blur")
 
 def apply_gb(edited: torch.Tensor, mask: torch.Tensor, mode: str = "composite", source: torch.Tensor | None = None,
              sigma_max: float = SIGMA_MAX, sigma_scale: float = SIGMA_SCALE,
-             edge_width: float = EDGE_WIDTH) -> GBResult:
+             edge_width: float = EDGE_WIDTH, progress: Progress | None = None) -> GBResult:
     """Run GB in `mode`: "composite" (needs `source`) or "blur" (eq 19; `source` unused)."""
     if mode == "blur":
-        return gb_blur(edited, mask, sigma_max, sigma_scale)
+        return gb_blur(edited, mask, sigma_max, sigma_scale, progress)
     if mode != "composite":
         raise XMGIEInputError(f"Unknown GB mode {mode!r}; use one of {', '.join(MODES)}.")
     if source is None:

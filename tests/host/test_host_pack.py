@@ -57,3 +57,11 @@ def test_bundled_workflows_are_served_as_templates(comfy_client):
         assert comfy_client.get(base + ".json").json() == json.loads(ui_file.read_text())
         thumbnail = comfy_client.get(base + ".jpg")
         assert thumbnail.content[:3] == b"\xff\xd8\xff", f"{base}.jpg is not a JPEG"
+
+
+def test_web_extension_is_served_and_listed_once(comfy_client):
+    """GET /extensions lists web/js/xmgie.js exactly once (WEB_DIRECTORY only), and the file is served."""
+    listed = [url for url in comfy_client.get("/extensions").json() if url.endswith("xmgie.js")]
+    assert listed == [f"/extensions/{harness.PACK_FOLDER}/js/xmgie.js"], listed
+    body = comfy_client.get(listed[0]).text
+    assert "registerExtension" in body and "xmgie.nodes" in body
