@@ -151,3 +151,12 @@ def test_unknown_mode_and_out_of_range_tokens():
         masked_cross_attention(q, q, q, 1, torch.ones(1, 4), _restriction([1]), "soft")
     with pytest.raises(XMGIEInputError, match="outside the context"):
         masked_cross_attention(q, q, q, 1, torch.ones(1, 4), _restriction([9]), "paper")
+
+
+def test_mask_with_another_aspect_ratio_is_rejected():
+    pyr = RegionPyramid(torch.ones(1, 96, 64))
+    assert pyr.grid(3, 2).shape == (1, 6)  # 96x64 onto 3x2: same shape
+    assert pyr.grid(12, 8).shape == (1, 96)
+    assert pyr.grid(2, 1).shape == (1, 2)  # coarse grids round up
+    with pytest.raises(XMGIEInputError, match="aspect"):
+        pyr.grid(8, 12)

@@ -158,6 +158,7 @@ class RegionPyramid:
         """Region [B, h*w] in {0, 1} (float32) at an h x w token grid."""
         key = (h, w, str(device))
         if key not in self._cache:
+            self._check_aspect(h, w)
             cover = F.adaptive_avg_pool2d(self.mask[:, None], (h, w))[:, 0]
             inside = cover >= self.threshold - 1e-6
             best = cover.flatten(1).amax(dim=1)
@@ -165,6 +166,18 @@ class RegionPyramid:
             inside = inside | (lost[:, None, None] & (cover >= best[:, None, None] - 1e-6))
             self._cache[key] = inside.flatten(1).float().to(device)
         return self._cache[key]
+
+    def _check_aspect(self, h: int, w: int) -> None:
+        """The mask must have the latent's aspect ratio (a grid side may be one cell over, from ceil)."""
+        mh, mw = self.mask.shape[-2:]
+        ratio = mh / mw
+        low = (h - 1) / w if h > 1 else 0.0
+        high = h / (w - 1) if w > 1 else float("inf")
+        if not low * 0.97 <= ratio <= high * 1.03:
+            raise XMGIEInputError(
+                f"The CAM mask is {mh}x{mw} (height x width) but the latent's attention grid is {h}x{w}: their "
+                "aspect ratios differ. Resize or crop the mask to the image's size."
+            )
 
     def for_tokens(self, n_tokens: int, latent_hw: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
         """Region for a layer with `n_tokens` queries when the U-Net input is latent_hw (h, w)."""
