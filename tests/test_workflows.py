@@ -23,6 +23,17 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 CORE_NODES = {
     "LoadImage": {"widgets": ["image", "upload"], "required": ["image"], "outputs": ["IMAGE", "MASK"]},
     "SaveImage": {"widgets": ["filename_prefix"], "required": ["images", "filename_prefix"], "outputs": []},
+    "CheckpointLoaderSimple": {"widgets": ["ckpt_name"], "required": ["ckpt_name"],
+                               "outputs": ["MODEL", "CLIP", "VAE"]},
+    "CLIPTextEncode": {"widgets": ["text"], "required": ["text", "clip"], "outputs": ["CONDITIONING"]},
+    "VAEEncode": {"widgets": [], "required": ["pixels", "vae"], "outputs": ["LATENT"]},
+    "SetLatentNoiseMask": {"widgets": [], "required": ["samples", "mask"], "outputs": ["LATENT"]},
+    "KSampler": {  # seed has control_after_generate: the UI stores its value ("fixed", ...) right after the seed
+        "widgets": ["seed", "seed:control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+        "required": ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
+                     "latent_image", "denoise"],
+        "outputs": ["LATENT"]},
+    "VAEDecode": {"widgets": [], "required": ["samples", "vae"], "outputs": ["IMAGE"]},
 }
 UI_ONLY_WIDGETS = {"upload"}
 
