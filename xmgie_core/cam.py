@@ -11,9 +11,10 @@ For an edit token M[q, t] = 1 - s (1 - R[q]); for a background token M[q, t] = 1
 with R the binary region at the layer's resolution and s the strength.
 
 Neither mode builds the [B, heads, Nq, Nk] probability matrix: each is one fused
-scaled_dot_product_attention call with a [B, 1, Nq, Nk'] mask, which is exactly "renormalized".
-For "paper" the removed share of each restricted token t stays in the softmax denominator: t's
-key is appended once more with a zero value and weight 1 - M[q, t], so
+scaled_dot_product_attention call with a [B, 1, Nq, Nk + R] mask over the context plus one
+value-less copy of each of the R restricted tokens' keys. The copies carry weight 0 in
+"renormalized" (softmax(S + log M) V exactly) and weight 1 - M[q, t] in "paper", where they keep
+the removed share of each restricted token in the softmax denominator:
 
   sum_t' M e^S V / (sum_t' M e^S + sum_t (1 - M) e^S) = sum_t' A M V = A^M V.
 """
@@ -71,17 +72,17 @@ class TokenRestriction:
         object.__setattr__(self, "background", back.to(edit.device))
 
     def keep_rows(self, nk: int, paper: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """M for a query inside / outside the region over the nk context tokens: 1 for unrestricted
-        tokens, 1 - s (1 - R) for edit tokens, 1 - s R for background tokens. With `paper`, the
-        removed shares 1 - M of the restricted tokens follow (weights of their value-less copies)."""
+        """Weights for a query inside / outside the region: M over the nk context tokens (1 for
+        unrestricted tokens, 1 - s (1 - R) for edit tokens, 1 - s R for background tokens), then
+        those of the restricted tokens' value-less copies (1 - M with `paper`, else 0)."""
         inside = torch.ones(nk, device=device)
         outside = torch.ones(nk, device=device)
         outside[self.edit.to(device)] = 1 - self.strength
         inside[self.background.to(device)] = 1 - self.strength
-        if paper:
-            positions = torch.cat([self.edit, self.background]).to(device)
-            inside, outside = (torch.cat([row, 1 - row[positions]]) for row in (inside, outside))
-        return inside, outside
+        positions = torch.cat([self.edit, self.background]).to(device)
+        rows = [torch.cat([row, 1 - row[positions] if paper else torch.zeros(positions.numel(), device=device)])
+                for row in (inside, outside)]
+        return rows[0], rows[1]
 
 
 def attention_mask(rows: tuple[torch.Tensor, torch.Tensor], region: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -107,11 +108,9 @@ def masked_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     positions = torch.cat([restriction.edit, restriction.background]).to(q.device)
     if positions.numel() and int(positions.max()) >= nk:
         raise XMGIEInputError(f"CAM token position {int(positions.max())} is outside the context ({nk} tokens).")
-    paper = mode == "paper" and positions.numel() > 0
-    if paper:
-        k = torch.cat([k, k[:, positions]], dim=1)
-        v = torch.cat([v, torch.zeros_like(v[:, positions])], dim=1)
-    mask = attention_mask(restriction.keep_rows(nk, paper, q.device), region.to(q.device), q.dtype)
+    k = torch.cat([k, k[:, positions]], dim=1)
+    v = torch.cat([v, torch.zeros_like(v[:, positions])], dim=1)
+    mask = attention_mask(restriction.keep_rows(nk, mode == "paper", q.device), region.to(q.device), q.dtype)
     out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
                                          attn_mask=mask)
     return merge_heads(out)
