@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
+from scipy import ndimage
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
@@ -504,3 +506,67 @@ class ComfyClient:
             raise PromptFailed(f"history status {status}\n" + describe_failure(status.get("messages", []))
                                + "\n" + self.server.log_tail())
         return PromptRun(prompt_id, entry["outputs"], status.get("messages", []))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bundled workflows: shared helpers for their host tests
+# --------------------------------------------------------------------------------------------------
+
+def node_of(prompt: dict, class_type: str) -> tuple[str, dict]:
+    """(id, node) of the single node of `class_type` in an API prompt."""
+    found = [(nid, node) for nid, node in prompt.items() if node["class_type"] == class_type]
+    assert len(found) == 1, f"expected one {class_type} in the prompt, found {len(found)}"
+    return found[0]
+
+
+def provide_images_and_prefix(runner: "PromptRunner", prompt: dict, prefix: str) -> str:
+    """Give the runner every LoadImage file from workflows/assets, set SaveImage's prefix; returns its id."""
+    for node in prompt.values():
+        if node["class_type"] == "LoadImage":
+            name = node["inputs"]["image"]
+            assert runner.provide_input(ASSETS_DIR / name) == name
+    save_id, save = node_of(prompt, "SaveImage")
+    save["inputs"]["filename_prefix"] = prefix
+    return save_id
+
+
+@dataclass(frozen=True)
+class CompositeExpectation:
+    """What the GB compositor of a bundled workflow must produce, from its inputs and the sample files."""
+
+    source: np.ndarray
+    """uint8 [H,W,3]: the image the compositor's `source` input loads."""
+    mask_rgb: np.ndarray
+    """uint8 [H,W,3]: RGB of the file whose alpha is the mask (the edit, in the GB workflow)."""
+    region: np.ndarray
+    """bool [H,W]: LoadImage's mask (1 - alpha) >= 0.5."""
+    far_outside: np.ndarray
+    """bool [H,W]: farther than edge_width + 1 px outside the region (must be the source exactly)."""
+    deep_inside: np.ndarray
+    """bool [H,W]: farther than edge_width + 1 px inside the region."""
+
+
+def composite_expectation(prompt: dict) -> CompositeExpectation:
+    _, gb = node_of(prompt, "XMGIEGBCompositor")
+    assert gb["inputs"]["mode"] == "composite"
+    mask_loader, mask_slot = gb["inputs"]["mask"]
+    source_loader, source_slot = gb["inputs"]["source"]
+    assert (mask_slot, source_slot) == (1, 0), "mask must be a LoadImage MASK, source its IMAGE"
+    source = np.array(Image.open(ASSETS_DIR / prompt[source_loader]["inputs"]["image"]).convert("RGB"))
+    rgba = np.array(Image.open(ASSETS_DIR / prompt[mask_loader]["inputs"]["image"]).convert("RGBA"))
+    region = (1.0 - rgba[..., 3] / 255.0) >= 0.5
+    margin = float(gb["inputs"]["edge_width"]) + 1.0
+    far_outside = ndimage.distance_transform_edt(~region) > margin
+    deep_inside = ndimage.distance_transform_edt(region) > margin
+    assert far_outside.any() and deep_inside.any(), "sample mask is empty, full, or too thin"
+    return CompositeExpectation(source, rgba[..., :3], region, far_outside, deep_inside)
+
+
+def pixel_mismatch(actual: np.ndarray, want: np.ndarray, where: np.ndarray) -> str:
+    """'' if actual == want at every `where` pixel, else a count and the first offending pixel."""
+    bad = np.argwhere(where & (actual != want).any(axis=-1))
+    if len(bad) == 0:
+        return ""
+    y, x = bad[0]
+    return (f"{len(bad)} of {int(where.sum())} pixels differ, e.g. at (y={y}, x={x}): "
+            f"got {actual[y, x].tolist()}, want {want[y, x].tolist()}")

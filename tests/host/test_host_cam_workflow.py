@@ -8,12 +8,9 @@ is the plumbing and the compositor's invariant: far outside the mask the saved i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from PIL import Image
-from scipy import ndimage
 
 import comfy_harness as harness
 
@@ -22,40 +19,12 @@ STEPS = 2
 """Sampler steps for the tests (the bundled 20 take minutes on a CPU even with the tiny UNet at 64x64 latents)."""
 
 
-def node_of(prompt: dict, class_type: str) -> tuple[str, dict]:
-    """The single node of `class_type` in an API prompt."""
-    found = [(nid, node) for nid, node in prompt.items() if node["class_type"] == class_type]
-    assert len(found) == 1, f"expected one {class_type} in {WORKFLOW}, found {len(found)}"
-    return found[0]
-
-
-@dataclass(frozen=True)
-class Expected:
-    source: np.ndarray
-    """uint8 [H,W,3]: the image the GB compositor's `source` input loads."""
-    region: np.ndarray
-    """bool [H,W]: the mask the workflow uses (LoadImage MASK = 1 - alpha) >= 0.5."""
-    far_outside: np.ndarray
-    """bool [H,W]: farther than edge_width + 1 px outside the region (must be the source exactly)."""
+node_of = harness.node_of
 
 
 @pytest.fixture(scope="module")
-def expected() -> Expected:
-    prompt = harness.load_workflow(WORKFLOW)
-    _, gb = node_of(prompt, "XMGIEGBCompositor")
-    assert gb["inputs"]["mode"] == "composite"
-    mask_loader, mask_slot = gb["inputs"]["mask"]
-    source_loader, source_slot = gb["inputs"]["source"]
-    assert (mask_slot, source_slot) == (1, 0)
-    source_name = prompt[source_loader]["inputs"]["image"]
-    mask_name = prompt[mask_loader]["inputs"]["image"]
-    source = np.array(Image.open(harness.ASSETS_DIR / source_name).convert("RGB"))
-    alpha = np.array(Image.open(harness.ASSETS_DIR / mask_name).convert("RGBA"))[..., 3]
-    region = (1.0 - alpha / 255.0) >= 0.5
-    assert region.shape == source.shape[:2]
-    far_outside = ndimage.distance_transform_edt(~region) > float(gb["inputs"]["edge_width"]) + 1.0
-    assert region.any() and far_outside.any(), "sample mask is empty or covers everything"
-    return Expected(source, region, far_outside)
+def expected() -> harness.CompositeExpectation:
+    return harness.composite_expectation(harness.load_workflow(WORKFLOW))
 
 
 def test_cam_workflow_wiring():
@@ -85,12 +54,7 @@ def prepared(runner, ckpt_name: str, prefix: str = "xmgie_cam_edit") -> tuple[di
     loader["inputs"]["ckpt_name"] = ckpt_name
     _, sampler = node_of(prompt, "KSampler")
     sampler["inputs"]["steps"] = STEPS
-    for node in prompt.values():
-        if node["class_type"] == "LoadImage":
-            name = node["inputs"]["image"]
-            assert runner.provide_input(harness.ASSETS_DIR / name) == name
-    save_id, save = node_of(prompt, "SaveImage")
-    save["inputs"]["filename_prefix"] = f"{prefix}_{runner.name}"
+    save_id = harness.provide_images_and_prefix(runner, prompt, f"{prefix}_{runner.name}")
     return prompt, save_id
 
 
@@ -101,10 +65,8 @@ def test_cam_workflow_edits_only_inside_the_mask(runner, tiny_checkpoint, expect
     assert len(images) == 1, f"expected one saved image, got {images}"
     out = runner.read_image(images[0])
     assert out.shape == expected.source.shape and out.dtype == np.uint8, f"saved image {out.shape} {out.dtype}"
-    bad = np.argwhere(expected.far_outside & (out != expected.source).any(axis=-1))
-    assert len(bad) == 0, (f"{len(bad)} of {int(expected.far_outside.sum())} pixels far outside the mask differ "
-                           f"from the source, e.g. at (y, x) = {bad[0].tolist()}: got {out[tuple(bad[0])].tolist()}, "
-                           f"want {expected.source[tuple(bad[0])].tolist()}")
+    problem = harness.pixel_mismatch(out, expected.source, expected.far_outside)
+    assert not problem, f"far outside the mask the result is not the source: {problem}"
     changed = expected.region & (out != expected.source).any(axis=-1)
     assert changed.any(), "no pixel inside the mask differs from the source: the edit did not arrive"
 

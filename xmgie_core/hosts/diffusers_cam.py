@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from ..cam import RegionPyramid, TokenRestriction, infer_grid, masked_cross_attention, stock_attention
+from ..cam import RegionPyramid, TokenRestriction, masked_cross_attention, stock_attention
 from ..errors import XMGIEInputError
 
 
