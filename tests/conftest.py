@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from fixtures import tiny_models
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# CI reruns the same examples every time (a failure there reproduces); local runs keep exploring.
+settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def load_pack(name: str = "xmgie_pack"):

@@ -286,7 +286,7 @@ def test_windowed_distances_are_exact_up_to_the_cap(seed, h, w, kind, cap):
     np.testing.assert_allclose(d_in[0].numpy(), full_in, atol=1e-4)
     near = full_out <= cap
     np.testing.assert_allclose(d_out[0].numpy()[near], full_out[near], atol=1e-4)
-    assert bool((d_out[0].numpy()[~near] > cap).all())
+    assert bool((d_out[0].numpy()[~near] > cap - 1e-4).all())  # float32 distances
     np.testing.assert_allclose(distance_to_outside(m)[0].numpy(), full_in, atol=1e-4)
 
 

@@ -170,12 +170,14 @@ def level_sigmas(sigma_max: float, tol: float = TOLERANCE) -> tuple[float, ...]:
 
 
 def variable_gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float | None = None,
-                           tol: float = TOLERANCE, tile: int = TILE) -> torch.Tensor:
+                           tol: float = TOLERANCE, tile: int = TILE,
+                           progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """out(p) = (x * G_sigma(p))(p): Gaussian blur of x [B,C,H,W] with a per-pixel sigma [B,H,W].
 
     Sigmas are clamped to [0, sigma_max] (default: the map's max); sigmas <= snap_sigma() are
     exact copies. Computed in float32 on x's device; returns x's dtype. Max error <= tol against
-    the exact per-pixel kernel for x in 0..1. Work is done only on tiles with sigma > snap.
+    the exact per-pixel kernel for x in 0..1. Work is done only on tiles with sigma > snap;
+    `progress(done, total)` is called per blur level.
     """
     levels = level_sigmas(float(sigma.max()) if sigma_max is None else sigma_max, tol)
     s = sigma.to(x.device, torch.float32).clamp(0.0, levels[-1])
@@ -186,5 +188,5 @@ def variable_gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: floa
     tiles = TileSet.covering(active, tile)
     s_t = torch.where(tiles.gather(active[:, None])[:, 0], tiles.gather(s[:, None])[:, 0], 0.0)
     patches = tiles.gather(x.float(), halo=kernel_radius(levels[-1]))
-    tiles.scatter(out, blur_tiles(patches, s_t, levels).to(x.dtype))
+    tiles.scatter(out, blur_tiles(patches, s_t, levels, progress).to(x.dtype))
     return out

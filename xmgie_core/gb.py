@@ -24,8 +24,7 @@ import torch
 
 from .distance import distance_to_boundary, distance_to_outside, window
 from .errors import XMGIEInputError
-from .gaussian import TILE, blur_tiles, kernel_radius, level_sigmas, snap_sigma
-from .tiles import TileSet
+from .gaussian import snap_sigma, variable_gaussian_blur
 from .validation import check_image, mask_for_image, matching_images
 
 SIGMA_MAX = 5.0
@@ -70,18 +69,6 @@ def active_distance(sigma_max: float, sigma_scale: float) -> float:
     return sigma_scale * math.sqrt(2.0 * math.log(sigma_max / snap)) if sigma_max > snap else 0.0
 
 
-def _blur_band(x: torch.Tensor, distance: torch.Tensor, active: torch.Tensor, sigma_max: float,
-               sigma_scale: float, progress: Progress | None = None) -> tuple[TileSet, torch.Tensor]:
-    """Eq 18 + the variable blur on the tiles covering `active` [B,H,W]: x [B,C,H,W] blurred with
-    sigma(distance) where active (elsewhere unchanged). Returns the tiles and [n,C,T,T] values."""
-    levels = level_sigmas(sigma_max)
-    tiles = TileSet.covering(active, TILE)
-    sigma = sigma_map(tiles.gather(distance[:, None])[:, 0], sigma_max, sigma_scale).clamp(max=levels[-1])
-    sigma = torch.where(tiles.gather(active[:, None])[:, 0], sigma, 0.0)
-    patches = tiles.gather(x.float(), halo=kernel_radius(levels[-1]))
-    return tiles, blur_tiles(patches, sigma, levels, progress)
-
-
 def gb_blur(edited: torch.Tensor, mask: torch.Tensor, sigma_max: float = SIGMA_MAX,
             sigma_scale: float = SIGMA_SCALE, progress: Progress | None = None) -> GBResult:
     """Eq 19: X_blur = X_edit (1 - M) + (X_edit * G_sigma(D)) M, with sigma from eq 18.
@@ -91,12 +78,9 @@ def gb_blur(edited: torch.Tensor, mask: torch.Tensor, sigma_max: float = SIGMA_M
     check_image(edited, "edited image")
     m = binarize(mask_for_image(mask, edited, "mask", "edited image"))
     d = distance_to_outside(m).to(edited.device)
-    image = edited.clone()
-    active = m & (d < active_distance(sigma_max, sigma_scale))
-    if bool(active.any()):
-        tiles, blurred = _blur_band(_to_bchw(edited), d, active, sigma_max, sigma_scale, progress)
-        tiles.scatter(_to_bchw(image), blurred)
-    strength = torch.where(m, sigma_map(d, 1.0, sigma_scale), 0.0) if sigma_max > 0 else torch.zeros_like(d)
+    sigma = torch.where(m, sigma_map(d, sigma_max, sigma_scale), 0.0)
+    image = variable_gaussian_blur(_to_bchw(edited), sigma, sigma_max, progress=progress).permute(0, 2, 3, 1)
+    strength = sigma / sigma_max if sigma_max > 0 else sigma
     return GBResult(image, strength.to(edited.dtype))
 
 
