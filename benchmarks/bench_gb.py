@@ -81,7 +81,7 @@ def bench_reference(n: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])  # 4096: about 2 GB peak
-    p.add_argument("--reference-size", type=int, default=384)
+    p.add_argument("--reference-size", type=int, default=512)
     a, _ = p.parse_known_args()
     if in_memory_phase():
         memory_phase({n: {k: peak_mb(f, repeats=1) for k, f in composite_calls(n).items()} for n in a.sizes})
