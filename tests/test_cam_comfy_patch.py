@@ -178,3 +178,22 @@ def test_positive_rows_and_mask_batch_errors():
     spec = CAMSpec((3,), (), CTX, RegionPyramid(torch.ones(3, 4, 4)))
     with pytest.raises(XMGIEInputError, match="batch 3"):
         CrossAttentionMaskPatch(spec, unet).arm(n, ctx, ctx, extra)
+
+
+def test_tiled_context_masks_every_copy_of_the_words():
+    """ComfyUI tiles a 77-token cond to a longer uncond's length: positions repeat per tile."""
+    unet, options, n, ctx, extra = _setup("renormalized")
+    tiled = torch.cat([ctx, ctx], dim=1)
+    with torch.no_grad():
+        out = run_attn2(unet.attn, options, n, tiled, extra)
+        attn = unet.attn
+        q, k, v = attn.to_q(n[2:]), attn.to_k(tiled[2:]), attn.to_v(tiled[2:])
+        region = RegionPyramid(torch.ones(1, 4, 4) * torch.tensor([1.0, 1, 0, 0])).grid(4, 4)
+        every_copy = TokenRestriction(torch.tensor([3, 4, 3 + CTX, 4 + CTX]), torch.zeros(0, dtype=torch.long))
+        want = attn.to_out[0](masked_cross_attention(q, k, v, HEADS, region, every_copy, "renormalized"))
+        first_copy_only = TokenRestriction(torch.tensor([3, 4]), torch.zeros(0, dtype=torch.long))
+        partial = attn.to_out[0](masked_cross_attention(q, k, v, HEADS, region, first_copy_only, "renormalized"))
+    assert torch.allclose(out[2:], want, atol=1e-5)
+    assert not torch.allclose(out[2:], partial, atol=1e-4)
+    with pytest.raises(XMGIEInputError, match="not a multiple"):
+        run_attn2(unet.attn, options, n, ctx[:, :7], extra)
