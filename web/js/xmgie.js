@@ -1,6 +1,6 @@
 // xMGIE frontend extension: colours the pack's nodes and flags a GB Compositor in
 // composite mode that has no source image connected (it would fail when queued).
-import { app } from "../../scripts/app.js";
+import { app } from "../../../scripts/app.js";
 
 const COLOR = "#2b3a55";
 const BGCOLOR = "#1d2638";
