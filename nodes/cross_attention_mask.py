@@ -61,7 +61,7 @@ class XMGIECrossAttentionMask:
 
     def patch(self, model, clip, prompt: str, edit_words: str, mask: torch.Tensor, mode: str, threshold: float,
               strength: float, input_blocks: bool, middle_block: bool, output_blocks: bool, start_percent: float,
-              end_percent: float, background_words: str = ""):
+              end_percent: float, background_words: str = "") -> tuple:
         if start_percent >= end_percent:
             raise XMGIEInputError(f"start_percent ({start_percent}) must be below end_percent ({end_percent}).")
         levels = frozenset(n for n, on in (("input", input_blocks), ("middle", middle_block),

@@ -112,7 +112,8 @@ class CrossAttentionMaskPatch:
         return self  # masks are moved per call; nothing to cast
 
     # -- attn2_patch: n, context, value = p(n, context, value, extra_options)
-    def arm(self, n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra_options: dict):
+    def arm(self, n: torch.Tensor, context: torch.Tensor, value: torch.Tensor | None,
+            extra_options: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         self._armed = None
         spec = self.spec
         block = extra_options.get("block")
@@ -154,7 +155,8 @@ class CrossAttentionMaskPatch:
             return func
         return lambda *a, **kw: self.previous_override(func, *a, **kw)
 
-    def _masked_rows(self, inner: Callable, q, k, v, heads, armed: _Armed, kwargs: dict) -> torch.Tensor:
+    def _masked_rows(self, inner: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                     armed: _Armed, kwargs: dict) -> torch.Tensor:
         rows = armed.rows
         masked = masked_cross_attention(q[rows], k[rows], v[rows], heads, armed.region, armed.restriction,
                                         self.spec.mode)
