@@ -48,34 +48,34 @@ def gaussian_kernel_1d(sigma: float, radius: int | None = None) -> np.ndarray:
     return g / g.sum()
 
 
-def _half_l1_2d(ka: np.ndarray, kb: np.ndarray) -> np.ndarray:
-    """0.5 * ||ka (x) ka - kb (x) kb||_1 for batches of 1-D kernels [..., n] (2-D separable kernels)."""
-    d = ka[..., :, None] * ka[..., None, :] - kb[..., :, None] * kb[..., None, :]
-    return 0.5 * np.abs(d).sum(axis=(-1, -2))
+def _outer(k: np.ndarray) -> np.ndarray:
+    """2-D separable kernels k (x) k for a batch of 1-D kernels [..., n] -> [..., n, n]."""
+    return k[..., :, None] * k[..., None, :]
 
 
-def _interval_error(sa: float, sb: float, radius: int, samples: int = 12) -> float:
+def _half_l1(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """0.5 * ||a - b||_1 over the last two axes (2-D kernels)."""
+    return 0.5 * np.abs(a - b).sum(axis=(-1, -2))
+
+
+def _interval_error(sa: float, sb: float, samples: int = 12) -> float:
     """Worst half-L1 error of lerp(K_sa, K_sb) against K_s over s in [sa, sb] (2-D kernels)."""
+    radius = kernel_radius(sb)  # every kernel in the interval fits
     s = np.linspace(sa, sb, samples + 2)[1:-1]
-    t = (s - sa) / (sb - sa)
-    ka = gaussian_kernel_1d(sa, radius)
-    kb = gaussian_kernel_1d(sb, radius)
-    exact = np.stack([gaussian_kernel_1d(v, radius) for v in s])
-    a2 = ka[:, None] * ka[None, :]
-    b2 = kb[:, None] * kb[None, :]
-    lerp = (1 - t)[:, None, None] * a2 + t[:, None, None] * b2
-    e2 = exact[:, :, None] * exact[:, None, :]
-    return float(0.5 * np.abs(lerp - e2).sum(axis=(-1, -2)).max())
+    t = ((s - sa) / (sb - sa))[:, None, None]
+    lerp = (1 - t) * _outer(gaussian_kernel_1d(sa, radius)) + t * _outer(gaussian_kernel_1d(sb, radius))
+    exact = _outer(np.stack([gaussian_kernel_1d(v, radius) for v in s]))
+    return float(_half_l1(lerp, exact).max())
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=1)
 def snap_sigma() -> float:
     """Largest sigma whose 2-D kernel is within SNAP_TOLERANCE of the identity (half-L1)."""
     lo, hi = 0.0, 1.0
     delta = gaussian_kernel_1d(0.0, 4)
     for _ in range(40):
         mid = 0.5 * (lo + hi)
-        if _half_l1_2d(gaussian_kernel_1d(mid, 4), delta) <= SNAP_TOLERANCE:
+        if _half_l1(_outer(gaussian_kernel_1d(mid, 4)), _outer(delta)) <= SNAP_TOLERANCE:
             lo = mid
         else:
             hi = mid
@@ -92,17 +92,16 @@ def blur_levels(sigma_max: float, tol: float = TOLERANCE) -> tuple[float, ...]:
     """
     if sigma_max <= snap_sigma():
         return (0.0,)
-    radius = kernel_radius(sigma_max)
     levels = [0.0]
     while levels[-1] < sigma_max:
         sa = levels[-1]
-        lo, hi = sa, sigma_max
-        if _interval_error(sa, hi, radius) <= tol:
+        if _interval_error(sa, sigma_max) <= tol:
             levels.append(sigma_max)
             break
+        lo, hi = sa, min(sigma_max, 2 * sa + 1)  # successive levels are far closer than this
         for _ in range(30):
             mid = 0.5 * (lo + hi)
-            if _interval_error(sa, mid, radius) <= tol:
+            if _interval_error(sa, mid) <= tol:
                 lo = mid
             else:
                 hi = mid
@@ -186,7 +185,7 @@ def variable_gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: floa
     if len(levels) == 1 or not bool(active.any()):
         return out
     tiles = TileSet.covering(active, tile)
-    s_t = torch.where(tiles.gather(active[:, None])[:, 0], tiles.gather(s[:, None])[:, 0], 0.0)
+    s_t = tiles.gather(torch.where(active, s, 0.0)[:, None])[:, 0]
     patches = tiles.gather(x.float(), halo=kernel_radius(levels[-1]))
     tiles.scatter(out, blur_tiles(patches, s_t, levels, progress).to(x.dtype))
     return out

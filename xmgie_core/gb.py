@@ -126,7 +126,7 @@ def gb_composite(edited: torch.Tensor, source: torch.Tensor, mask: torch.Tensor,
     cap = min(edge_width, active_distance(sigma_max, sigma_scale))  # farther out, alpha is 0 anyway
     rows, cols = window(m.any(dim=0), int(min(cap, max(m.shape[1:]))) + 1)
     m_w, src_w, edit_w = m[:, rows, cols], source[:, rows, cols], edited[:, rows, cols]
-    d_in, d_out = (d.to(edited.device) for d in distance_to_boundary(m_w, cap))
+    d_in, d_out = (d.to(edited.device) for d in distance_to_boundary(m_w))  # already windowed
     a_w = edge_alpha(m_w, d_in, d_out, sigma_max, sigma_scale, edge_width)
     out_w = torch.where(m_w.unsqueeze(-1), edit_w, src_w)
     soft = (a_w > 0) & (a_w < 1)

@@ -122,12 +122,13 @@ class CrossAttentionMaskPatch:
             return n, context, value
         if sigmas is not None and not (spec.sigma_end - 1e-5 <= float(sigmas.max()) <= spec.sigma_start + 1e-5):
             return n, context, value
-        rows = positive_rows(n.shape[0], list(extra_options.get("cond_or_uncond", [0])))
+        chunks = list(extra_options.get("cond_or_uncond", [0]))
+        rows = positive_rows(n.shape[0], chunks)
         if rows.numel() == 0:
             return n, context, value
         h, w = extra_options["activations_shape"][-2:]
         region = spec.region.grid(int(h), int(w), n.device)
-        per = n.shape[0] // max(len(extra_options.get("cond_or_uncond", [0])), 1)
+        per = n.shape[0] // max(len(chunks), 1)
         if region.shape[0] not in (1, per):
             raise XMGIEInputError(
                 f"The CAM mask has batch {region.shape[0]} but the latent batch is {per}; "
