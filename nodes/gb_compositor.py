@@ -35,12 +35,15 @@ class XMGIEGBCompositor:
                                              "distance transform. One mask for the batch or one per image."}),
                 "mode": (list(gb.MODES), {"default": "composite", "tooltip": "composite: blend the edit into the "
                          "source with a soft edge (needs source). blur: eq 19, blur the edit near the mask border."}),
-                "sigma_max": ("FLOAT", {"default": gb.SIGMA_MAX, "min": 0.0, "max": 16.0, "step": 0.1,
+                "sigma_max": ("FLOAT", {"default": gb.SIGMA_MAX, "min": gb.SIGMA_MAX_RANGE[0],
+                                        "max": gb.SIGMA_MAX_RANGE[1], "step": 0.1,
                                         "tooltip": "Blur sigma at the mask border, in pixels (paper default 5)."}),
-                "sigma_scale": ("FLOAT", {"default": gb.SIGMA_SCALE, "min": 0.1, "max": 256.0, "step": 0.1,
+                "sigma_scale": ("FLOAT", {"default": gb.SIGMA_SCALE, "min": gb.SIGMA_SCALE_RANGE[0],
+                                          "max": gb.SIGMA_SCALE_RANGE[1], "step": 0.1,
                                           "tooltip": "sigma_s: how fast the blur fades with distance from the border, "
                                                      "in pixels (paper default 10)."}),
-                "edge_width": ("FLOAT", {"default": gb.EDGE_WIDTH, "min": 0.0, "max": 512.0, "step": 1.0,
+                "edge_width": ("FLOAT", {"default": gb.EDGE_WIDTH, "min": gb.EDGE_WIDTH_RANGE[0],
+                                         "max": gb.EDGE_WIDTH_RANGE[1], "step": 1.0,
                                          "tooltip": "composite only: pixels farther than this (pixels) outside the "
                                                     "mask are the source exactly, farther inside the edit exactly."}),
             },

@@ -31,6 +31,9 @@ SNAP_TOLERANCE = 0.05 / 255
 
 TILE = 64
 
+PATCH_BUDGET = 1 << 22
+"""Floats of gathered patches per group of tiles in the variable blur, at least (16 MB); more for large images."""
+
 
 def kernel_radius(sigma: float) -> int:
     """Truncation radius ceil(4 sigma) of the sampled Gaussian."""
@@ -175,8 +178,11 @@ def variable_gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: floa
 
     Sigmas are clamped to [0, sigma_max] (default: the map's max); sigmas <= snap_sigma() are
     exact copies. Computed in float32 on x's device; returns x's dtype. Max error <= tol against
-    the exact per-pixel kernel for x in 0..1. Work is done only on tiles with sigma > snap;
-    `progress(done, total)` is called per blur level.
+    the exact per-pixel kernel for x in 0..1. Work is done only on tiles with sigma > snap, in
+    groups whose gathered patches (tile + halo) hold at most about one float32 copy of x, so the
+    peak memory stays a few image copies whatever the mask (an 8-px checkerboard makes every tile
+    active, and a halo of 4 sigma_max makes each patch up to 9x its tile). `progress(done, total)`
+    is called per blur level of each group.
     """
     levels = level_sigmas(float(sigma.max()) if sigma_max is None else sigma_max, tol)
     s = sigma.to(x.device, torch.float32).clamp(0.0, levels[-1])
@@ -184,8 +190,14 @@ def variable_gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: floa
     out = x.clone()
     if len(levels) == 1 or not bool(active.any()):
         return out
+    halo = kernel_radius(levels[-1])
     tiles = TileSet.covering(active, tile)
-    s_t = tiles.gather(torch.where(active, s, 0.0)[:, None])[:, 0]
-    patches = tiles.gather(x.float(), halo=kernel_radius(levels[-1]))
-    tiles.scatter(out, blur_tiles(patches, s_t, levels, progress).to(x.dtype))
+    groups = tiles.split(max(1, max(x.numel(), PATCH_BUDGET) // (x.shape[1] * (tile + 2 * halo) ** 2)))
+    xf, s = x.float(), torch.where(active, s, 0.0)[:, None]
+    steps = len(levels) - 1
+    for g, group in enumerate(groups):
+        report = None if progress is None else \
+            (lambda done, _, g=g: progress(g * steps + done, len(groups) * steps))
+        blurred = blur_tiles(group.gather(xf, halo=halo), group.gather(s)[:, 0], levels, report)
+        group.scatter(out, blurred.to(x.dtype))
     return out

@@ -25,11 +25,16 @@ import torch
 from .distance import distance_to_boundary, distance_to_outside, window
 from .errors import XMGIEInputError
 from .gaussian import snap_sigma, variable_gaussian_blur
-from .validation import check_image, mask_for_image, matching_images
+from .validation import check_image, check_range, mask_for_image, matching_images
 
 SIGMA_MAX = 5.0
 SIGMA_SCALE = 10.0
 EDGE_WIDTH = 16.0
+SIGMA_MAX_RANGE = (0.0, 16.0)
+"""Limits of the parameters (the node's widgets use the same): beyond them the blur's cost and memory grow
+with sigma^2 for no visible gain (sigma 200 on a 128x128 image took 95 s)."""
+SIGMA_SCALE_RANGE = (0.1, 256.0)
+EDGE_WIDTH_RANGE = (0.0, 512.0)
 
 Progress = Callable[[int, int], None]
 
@@ -48,10 +53,10 @@ def sigma_map(distance: torch.Tensor, sigma_max: float = SIGMA_MAX, sigma_scale:
 
 
 def _check_params(sigma_max: float, sigma_scale: float) -> None:
-    if not sigma_max >= 0:
-        raise XMGIEInputError(f"sigma_max must be >= 0, got {sigma_max}.")
-    if not sigma_scale > 0:
-        raise XMGIEInputError(f"sigma_scale must be > 0, got {sigma_scale}.")
+    check_range(sigma_max, "sigma_max", *SIGMA_MAX_RANGE, hint="It is the blur at the mask border in pixels "
+                "(paper default 5).")
+    check_range(sigma_scale, "sigma_scale", *SIGMA_SCALE_RANGE, hint="It is how fast the blur fades with "
+                "distance from the border, in pixels (paper default 10).")
 
 
 def _to_bchw(image: torch.Tensor) -> torch.Tensor:
@@ -113,8 +118,7 @@ def gb_composite(edited: torch.Tensor, source: torch.Tensor, mask: torch.Tensor,
     is done on the masks' bounding box grown by the edge; elsewhere the output is a source copy.
     """
     _check_params(sigma_max, sigma_scale)
-    if not edge_width >= 0:
-        raise XMGIEInputError(f"edge_width must be >= 0, got {edge_width}.")
+    check_range(edge_width, "edge_width", *EDGE_WIDTH_RANGE, hint="It is the width of the blend zone in pixels.")
     check_image(edited, "edited image")
     check_image(source, "source image")
     edited, source = matching_images(edited, source, "edited image", "source image")
@@ -150,6 +154,7 @@ def apply_gb(edited: torch.Tensor, mask: torch.Tensor, mode: str = "composite", 
     if source is None:
         raise XMGIEInputError(
             "GB mode 'composite' blends the edit into the source image, but no source image was given: "
-            "connect the original (unedited) image to the 'source' input, or switch mode to 'blur'."
+            "connect the original (unedited) image to the 'source' input (--source on the command line), "
+            "or switch mode to 'blur'."
         )
     return gb_composite(edited, source, mask, sigma_max, sigma_scale, edge_width)

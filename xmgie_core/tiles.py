@@ -32,6 +32,11 @@ class TileSet:
     def __len__(self) -> int:
         return int(self.bi.numel())
 
+    def split(self, size: int) -> list["TileSet"]:
+        """The tiles in groups of at most `size` (to bound the memory of gathered patches)."""
+        return [TileSet(self.bi[i:i + size], self.ty[i:i + size], self.tx[i:i + size], self.tile, self.h, self.w)
+                for i in range(0, len(self), size)]
+
     def _span(self, start: torch.Tensor, halo: int) -> torch.Tensor:
         return start[:, None] * self.tile - halo + torch.arange(self.tile + 2 * halo, device=start.device)
 

@@ -22,8 +22,8 @@ def check_finite(t: torch.Tensor, name: str) -> None:
     """
     if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         raise XMGIEInputError(
-            f"{name} contains NaN or infinite values; check the node that produced it "
-            "(e.g. a VAE decode in float16 that overflowed)."
+            f"{name} contains NaN or infinite values; check the node that produced it (a float16 overflow "
+            "in a VAE decode or a division by zero in a mask operation are the usual causes)."
         )
 
 
@@ -35,8 +35,42 @@ def check_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:
         )
     if not image.is_floating_point():
         raise XMGIEInputError(f"{name} must be a float tensor in 0..1, got dtype {image.dtype}.")
+    if min(image.shape) == 0:
+        raise XMGIEInputError(f"{name} is empty (shape {_shape(image)}); connect an image with at least one pixel.")
     check_finite(image, name)
     return image
+
+
+def check_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """Validate a MASK [B,H,W] or [H,W] (float, finite); returns it as [B,H,W]."""
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    if mask.ndim != 3:
+        raise XMGIEInputError(
+            f"{name} must be a MASK of shape [batch, height, width] or [height, width], got shape {_shape(mask)}."
+        )
+    if not mask.is_floating_point():
+        raise XMGIEInputError(f"{name} must be a float MASK in 0..1, got dtype {mask.dtype}.")
+    if min(mask.shape) == 0:
+        raise XMGIEInputError(f"{name} is empty (shape {_shape(mask)}); connect a mask with at least one pixel.")
+    check_finite(mask, name)
+    return mask
+
+
+def check_range(value: float, name: str, low: float, high: float, hint: str = "") -> float:
+    """A finite number within [low, high] (the node widget's limits), else an error saying the allowed range."""
+    if not low <= value <= high:  # also false for NaN
+        raise XMGIEInputError(f"{name} must be between {low:g} and {high:g}, got {value}.{' ' + hint if hint else ''}")
+    return float(value)
+
+
+def check_percent_window(start: float, end: float) -> None:
+    """A start/end fraction of the sampling schedule: 0 <= start < end <= 1."""
+    check_range(start, "start_percent", 0.0, 1.0)
+    check_range(end, "end_percent", 0.0, 1.0)
+    if start >= end:
+        raise XMGIEInputError(f"start_percent ({start}) must be below end_percent ({end}); "
+                              "with start >= end the node would never act.")
 
 
 def mask_for_image(mask: torch.Tensor, image: torch.Tensor, mask_name: str = "mask",
@@ -46,14 +80,7 @@ def mask_for_image(mask: torch.Tensor, image: torch.Tensor, mask_name: str = "ma
     A [H,W] or batch-1 mask broadcasts over the image batch; any other batch or size
     mismatch raises an error naming both shapes (no silent resize).
     """
-    if mask.ndim == 2:
-        mask = mask.unsqueeze(0)
-    if mask.ndim != 3:
-        raise XMGIEInputError(
-            f"{mask_name} must be a MASK of shape [batch, height, width] or [height, width], "
-            f"got shape {_shape(mask)}."
-        )
-    check_finite(mask, mask_name)
+    mask = check_mask(mask, mask_name)
     b, h, w = image.shape[0], image.shape[1], image.shape[2]
     if tuple(mask.shape[1:]) != (h, w):
         raise XMGIEInputError(
