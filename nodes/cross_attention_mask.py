@@ -7,8 +7,10 @@ import torch
 from ..xmgie_core import cam
 from ..xmgie_core.cam import RegionPyramid
 from ..xmgie_core.errors import XMGIEInputError
-from ..xmgie_core.hosts.comfy_cam import CAMSpec, CrossAttentionMaskPatch, install
+from ..xmgie_core.hosts.comfy_cam import (CAMSpec, CrossAttentionMaskPatch, PromptEncoding, install,
+                                          running_workflows, workflow_texts)
 from ..xmgie_core.tokens import comfy_token_positions
+from ..xmgie_core.validation import check_percent_window, check_range
 
 
 class XMGIECrossAttentionMask:
@@ -16,13 +18,17 @@ class XMGIECrossAttentionMask:
 
     CATEGORY = "xMGIE/attention"
     FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("A patched clone of the model; the input model is unchanged.",)
+    RETURN_TYPES = ("MODEL", "CONDITIONING")
+    RETURN_NAMES = ("model", "positive")
+    OUTPUT_TOOLTIPS = (
+        "A patched clone of the model; the input model is unchanged.",
+        "The prompt encoded with the CLIP: connect it to the sampler's positive input. Only this conditioning is "
+        "masked; a sampler that never receives it stops with an error.",
+    )
     DESCRIPTION = (
         "Cross-attention masking (PFB-Diff CAM): the edit words' cross-attention is masked so they influence the "
-        "image only inside the mask; optional background words are kept out of it. Use the same prompt text "
-        "for the positive CLIP Text Encode that feeds the sampler."
+        "image only inside the mask; optional background words are kept out of it. The node encodes the prompt "
+        "itself: feed its 'positive' output to the sampler."
     )
 
     @classmethod
@@ -31,8 +37,8 @@ class XMGIECrossAttentionMask:
             "required": {
                 "model": ("MODEL", {"tooltip": "The model to patch (it is cloned, never changed)."}),
                 "clip": ("CLIP", {"tooltip": "The CLIP used to encode the positive prompt (for token positions)."}),
-                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The positive prompt text, "
-                                      "exactly as given to the positive CLIP Text Encode."}),
+                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The positive prompt. The node "
+                                      "encodes it (the 'positive' output) and masks the edit words in it."}),
                 "edit_words": ("STRING", {"default": "", "tooltip": "Words of the prompt that may act only inside "
                                           "the mask, e.g. 'red scarf'. Separate several phrases with commas."}),
                 "mask": ("MASK", {"tooltip": "Edit region (1 = edit), any resolution with the image's aspect ratio; "
@@ -57,13 +63,18 @@ class XMGIECrossAttentionMask:
                 "background_words": ("STRING", {"default": "", "tooltip": "Words of the prompt kept out of the "
                                                 "region (act only outside it), e.g. 'snowy park'. May be empty."}),
             },
+            "hidden": {"graph": "PROMPT"},
         }
 
     def patch(self, model, clip, prompt: str, edit_words: str, mask: torch.Tensor, mode: str, threshold: float,
               strength: float, input_blocks: bool, middle_block: bool, output_blocks: bool, start_percent: float,
-              end_percent: float, background_words: str = "") -> tuple:
-        if start_percent >= end_percent:
-            raise XMGIEInputError(f"start_percent ({start_percent}) must be below end_percent ({end_percent}).")
+              end_percent: float, background_words: str = "", graph: dict | None = None) -> tuple:
+        check_percent_window(start_percent, end_percent)
+        check_range(strength, "strength", 0.0, 1.0)
+        region = RegionPyramid(mask, threshold)
+        if not prompt.strip():
+            raise XMGIEInputError("The prompt is empty: type the positive prompt that contains the edit words, "
+                                  "e.g. 'a man wearing a red scarf'.")
         levels = frozenset(n for n, on in (("input", input_blocks), ("middle", middle_block),
                                            ("output", output_blocks)) if on)
         if not levels:
@@ -72,9 +83,13 @@ class XMGIECrossAttentionMask:
         background = comfy_token_positions(clip, prompt, background_words, "background words")[0] \
             if background_words.strip() else []
         sampling = model.get_model_object("model_sampling")
-        spec = CAMSpec(tuple(edit), tuple(background), length, RegionPyramid(mask, threshold), mode, strength, levels,
+        spec = CAMSpec(tuple(edit), tuple(background), length, region, mode, strength, levels,
                        float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent)))
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+        encoding = PromptEncoding(prompt, tuple(c[0] for c in positive),
+                                  lambda: workflow_texts(*running_workflows(), graph, exclude=prompt),
+                                  lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))[0][0])
         m = model.clone()
         previous = m.model_options.get("transformer_options", {}).get("optimized_attention_override")
-        install(m.model_options, CrossAttentionMaskPatch(spec, m.model.diffusion_model, previous))
-        return (m,)
+        install(m.model_options, CrossAttentionMaskPatch(spec, encoding, m.model.diffusion_model, previous))
+        return m, positive

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import XMGIEInputError
+from .validation import check_mask
 
 MODES = ("renormalized", "paper")
 
@@ -138,10 +139,7 @@ class RegionPyramid:
     """
 
     def __init__(self, mask: torch.Tensor, threshold: float = 0.5):
-        if mask.ndim == 2:
-            mask = mask[None]
-        if mask.ndim != 3:
-            raise XMGIEInputError(f"The CAM mask must be [batch, height, width] or [height, width], got {tuple(mask.shape)}.")
+        mask = check_mask(mask, "The CAM mask")
         if not 0.0 < threshold <= 1.0:
             raise XMGIEInputError(f"threshold must be in (0, 1], got {threshold}.")
         if not bool((mask >= 0.5).any()):

@@ -140,14 +140,36 @@ def test_composes_with_ip_adapter_style_replace_in_either_order(comfy_host, sd15
     assert rel(full, ip_only) <= 1e-5  # a full mask through the correction path is exact
 
 
-def test_cam_workflow_runs(runner, tiny_checkpoint):
-    prompt = harness.plain_sd15_prompt(tiny_checkpoint.name, seed=11, size=128, filename_prefix="xmgie_cam")
-    prompt["2"]["inputs"]["text"] = PROMPT
+def cam_prompt(ckpt_name: str, seed: int) -> dict:
+    """The plain SD1.5 graph with a CAM node whose model and positive feed the KSampler."""
+    prompt = harness.plain_sd15_prompt(ckpt_name, seed=seed, size=128, filename_prefix="xmgie_cam")
     prompt["8"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}}
     prompt["9"] = {"class_type": "XMGIECrossAttentionMask", "inputs": {
         "model": ["1", 0], "clip": ["1", 1], "prompt": PROMPT, "edit_words": "red scarf", "mask": ["8", 0],
         "mode": "renormalized", "threshold": 0.5, "strength": 1.0, "input_blocks": True, "middle_block": True,
         "output_blocks": True, "start_percent": 0.0, "end_percent": 1.0, "background_words": "snowy park"}}
     prompt["5"]["inputs"]["model"] = ["9", 0]
-    run = runner.run(prompt)
+    prompt["5"]["inputs"]["positive"] = ["9", 1]
+    return prompt
+
+
+def test_cam_workflow_runs(runner, tiny_checkpoint):
+    run = runner.run(cam_prompt(tiny_checkpoint.name, seed=11))
     assert len(run.images("7")) == 1
+
+
+@pytest.mark.parametrize("other, named", [
+    ("a photo of a snowman standing in a park", "'a photo of a snowman standing in a park'"),
+    (", ".join(["a snowman standing in a park"] * 14), "154 tokens"),  # two chunks vs the node's one
+])
+def test_a_sampler_that_never_sees_the_nodes_prompt_stops(runner, tiny_checkpoint, other, named):
+    """The issue's case: the KSampler's positive comes from another CLIP Text Encode. Sampling stops before the
+    first step with an error that names the node's prompt and what the sampler got."""
+    prompt = cam_prompt(tiny_checkpoint.name, seed=12)
+    prompt["2"]["inputs"]["text"] = other
+    prompt["5"]["inputs"]["positive"] = ["2", 0]
+    with pytest.raises(harness.PromptFailed) as err:
+        runner.run(prompt)
+    message = str(err.value)
+    assert f"prompt {PROMPT!r} never reaches the sampler" in message, message
+    assert named in message and "'positive' output" in message, message

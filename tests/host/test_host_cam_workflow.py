@@ -1,7 +1,7 @@
 """The bundled CAM edit workflow (API twin) executed by a real ComfyUI, serverless and over HTTP.
 
-The workflow: source -> VAEEncode -> SetLatentNoiseMask(mask) -> KSampler (model patched by XMGIE
-Cross-Attention Mask with the positive prompt's text) -> VAEDecode -> XMGIE GB Compositor (composite,
+The workflow: source -> VAEEncode -> SetLatentNoiseMask(mask) -> KSampler (model and positive conditioning
+from XMGIE Cross-Attention Mask, which encodes the prompt itself) -> VAEDecode -> XMGIE GB Compositor (composite,
 source) -> SaveImage. The tiny random-weight checkpoint produces garbage inside the mask; what is tested
 is the plumbing and the compositor's invariant: far outside the mask the saved image is the source.
 """
@@ -28,16 +28,14 @@ def expected() -> harness.CompositeExpectation:
 
 
 def test_cam_workflow_wiring():
-    """CAM gets the positive prompt's exact text and feeds the sampler; one mask drives noise mask, CAM and GB."""
+    """CAM's model and its own encoded prompt feed the sampler; one mask drives noise mask, CAM and GB."""
     prompt = harness.load_workflow(WORKFLOW)
     cam_id, cam = node_of(prompt, "XMGIECrossAttentionMask")
     _, sampler = node_of(prompt, "KSampler")
     _, noise_mask = node_of(prompt, "SetLatentNoiseMask")
     _, gb = node_of(prompt, "XMGIEGBCompositor")
-    assert sampler["inputs"]["model"] == [cam_id, 0]
-    positive = prompt[sampler["inputs"]["positive"][0]]
-    assert positive["class_type"] == "CLIPTextEncode" and positive["inputs"]["text"] == cam["inputs"]["prompt"]
-    assert positive["inputs"]["clip"] == cam["inputs"]["clip"]
+    assert sampler["inputs"]["model"] == [cam_id, 0] and sampler["inputs"]["positive"] == [cam_id, 1]
+    assert prompt[sampler["inputs"]["negative"][0]]["class_type"] == "CLIPTextEncode"
     assert cam["inputs"]["edit_words"] in cam["inputs"]["prompt"]
     assert prompt[sampler["inputs"]["latent_image"][0]]["class_type"] == "SetLatentNoiseMask"
     assert noise_mask["inputs"]["mask"] == cam["inputs"]["mask"] == gb["inputs"]["mask"]
@@ -80,6 +78,9 @@ def test_cam_patch_reaches_the_sampler(serverless_runner, tiny_checkpoint, expec
             cam_id, cam = node_of(prompt, "XMGIECrossAttentionMask")
             sampler_id, _ = node_of(prompt, "KSampler")
             prompt[sampler_id]["inputs"]["model"] = cam["inputs"]["model"]
+            prompt["positive"] = {"class_type": "CLIPTextEncode",
+                                  "inputs": {"text": cam["inputs"]["prompt"], "clip": cam["inputs"]["clip"]}}
+            prompt[sampler_id]["inputs"]["positive"] = ["positive", 0]
             del prompt[cam_id]
         (image,) = serverless_runner.run(prompt).images(save_id)
         outputs[variant] = serverless_runner.read_image(image)
