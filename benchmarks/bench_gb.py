@@ -5,6 +5,9 @@
   sigma_max (the project's own uniform Gaussian blur) and a lerp. Target <= 3x time.
   fast variable blur vs the exact per-pixel reference (tests/gb_reference.py). Target >= 20x
   faster, <= 1/255 max error.
+  blur mode (eq 19) on an adversarial mask (an 8-px checkerboard: every tile is near a border) at
+  sigma_max 16: peak memory in copies of the image (target: a few, whatever the mask) and time
+  against the uniform feather.
 
 Run: python benchmarks/bench_gb.py [--sizes 1024 2048 4096]
 """
@@ -60,6 +63,19 @@ def composite_calls(n: int) -> dict:
     }
 
 
+def checkerboard_mask(n: int, cell: int = 8) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    return (((yy // cell) + (xx // cell)) % 2).float()[None]
+
+
+def adversarial_calls(n: int) -> dict:
+    g = torch.Generator().manual_seed(n)
+    src, edit = torch.rand(2, 1, n, n, 3, generator=g)
+    board = checkerboard_mask(n)
+    return {"feather": lambda: uniform_feather(edit, src, board, 16.0),
+            "blur": lambda: gb.gb_blur(edit, board, 16.0, gb.SIGMA_SCALE)}
+
+
 def bench_reference(n: int) -> None:
     rng = np.random.default_rng(0)
     x = rng.random((3, n, n))
@@ -82,13 +98,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])  # 4096: about 2 GB peak
     p.add_argument("--reference-size", type=int, default=512)
+    p.add_argument("--adversarial-size", type=int, default=2048)  # 4096: about 1 min per call
     a, _ = p.parse_known_args()
     if in_memory_phase():
-        memory_phase({n: {k: peak_mb(f, repeats=1) for k, f in composite_calls(n).items()} for n in a.sizes})
+        results = {n: {k: peak_mb(f, repeats=1) for k, f in composite_calls(n).items()} for n in a.sizes}
+        results["adversarial"] = {k: peak_mb(f, repeats=1) for k, f in adversarial_calls(a.adversarial_size).items()}
+        memory_phase(results)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench_reference(a.reference_size)
     times = {n: time_calls(composite_calls(n), rounds=9) for n in a.sizes}
+    t_adv = time_calls(adversarial_calls(a.adversarial_size), rounds=1)
     memory = memory_phase()
     for n in a.sizes:
         t, m = times[n], memory[str(n)]
@@ -100,6 +120,11 @@ def main() -> None:
         print(f"{'':10s}local edit (4% of image): feather {t['feather_local'] * 1e3:8.1f} ms | GB composite "
               f"{t['composite_local'] * 1e3:8.1f} ms -> time x{t['composite_local'] / t['feather_local']:.2f}, "
               f"mem x{m['composite_local'] / max(m['feather_local'], 1e-9):.2f}")
+    n, m = a.adversarial_size, memory["adversarial"]
+    image_mb = n * n * 3 * 4 / 2**20
+    print(f"{n}x{n} 8-px checkerboard, blur mode sigma_max 16: {t_adv['blur']:.1f} s (x{t_adv['blur'] / t_adv['feather']:.0f} "
+          f"the feather), peak +{m['blur']:.0f} MB = {m['blur'] / image_mb:.1f} image copies "
+          f"(feather: {m['feather'] / image_mb:.1f})")
 
 
 if __name__ == "__main__":
