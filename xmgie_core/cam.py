@@ -130,7 +130,7 @@ def tiled_positions(positions: torch.Tensor, prompt_tokens: int, context_tokens:
 
 
 class RegionPyramid:
-    """A binary region at each attention layer's token grid, cached per resolution.
+    """A binary (or, with `coverage`, soft) region at each U-Net layer's grid, cached per resolution.
 
     The mask [B, H, W] (1 = region) is area-averaged onto the h x w grid of a layer (row-major
     tokens) and thresholded: a cell is inside when at least `threshold` of it is covered, so
@@ -138,25 +138,35 @@ class RegionPyramid:
     keeps its best-covered cell(s), so small regions are never lost.
     """
 
-    def __init__(self, mask: torch.Tensor, threshold: float = 0.5):
-        mask = check_mask(mask, "The CAM mask")
+    def __init__(self, mask: torch.Tensor, threshold: float = 0.5, name: str = "The CAM mask",
+                 allow_empty: bool = False):
+        mask = check_mask(mask, name)
         if not 0.0 < threshold <= 1.0:
             raise XMGIEInputError(f"threshold must be in (0, 1], got {threshold}.")
-        if not bool((mask >= 0.5).any()):
+        if not allow_empty and not bool((mask >= 0.5).any()):
             raise XMGIEInputError(
-                "The CAM mask is empty (no value >= 0.5): the edit words would act nowhere. "
+                f"{name} is empty (no value >= 0.5): the edit words would act nowhere. "
                 "Paint the region to edit, or bypass the Cross-Attention Mask node."
             )
         self.mask = mask.float()
         self.threshold = threshold
-        self._cache: dict[tuple[int, int, str], torch.Tensor] = {}
+        self.name = name
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def coverage(self, h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Soft region [B, h, w] in [0, 1] (float32): the fraction of each cell of an h x w grid the mask covers
+        (area average; used where a soft edge is wanted, e.g. PFB's blending weights)."""
+        key = ("coverage", h, w, str(device))
+        if key not in self._cache:
+            self._check_aspect(h, w)
+            self._cache[key] = F.adaptive_avg_pool2d(self.mask[:, None], (h, w))[:, 0].clamp(0, 1).to(device)
+        return self._cache[key]
 
     def grid(self, h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Region [B, h*w] in {0, 1} (float32) at an h x w token grid."""
         key = (h, w, str(device))
         if key not in self._cache:
-            self._check_aspect(h, w)
-            cover = F.adaptive_avg_pool2d(self.mask[:, None], (h, w))[:, 0]
+            cover = self.coverage(h, w)
             inside = cover >= self.threshold - 1e-6
             best = cover.flatten(1).amax(dim=1)
             lost = ~inside.flatten(1).any(dim=1) & (best > 0)
@@ -172,7 +182,7 @@ class RegionPyramid:
         high = h / (w - 1) if w > 1 else float("inf")
         if not low * 0.97 <= ratio <= high * 1.03:
             raise XMGIEInputError(
-                f"The CAM mask is {mh}x{mw} (height x width) but the latent's attention grid is {h}x{w}: their "
+                f"{self.name} is {mh}x{mw} (height x width) but the latent's grid at this U-Net layer is {h}x{w}: their "
                 "aspect ratios differ. Resize or crop the mask to the image's size."
             )
 
