@@ -210,6 +210,9 @@ class CrossAttentionMaskPatch:
     is shared on clone (__deepcopy__ returns self), as ComfyUI deep-copies patch objects.
     """
 
+    xmgie_source_neutral = True
+    """It never changes a pass without its own prompt (e.g. PFB's source branch): not part of PFB's cache key."""
+
     def __init__(self, spec: CAMSpec, prompt: PromptEncoding, diffusion_model: torch.nn.Module | None = None,
                  previous_override: Callable | None = None):
         self.spec = spec

@@ -1,0 +1,190 @@
+"""XMGIE PFB Sampler and XMGIE PFB Guider: progressive feature blending with a source branch (seed 000 eqs 5-6,
+PFB-Diff), on ComfyUI's own sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from ..xmgie_core.errors import XMGIEInputError
+from ..xmgie_core.hosts.comfy_pfb import PFBSettings, pfb_guider_class, warn_empty_mask
+from ..xmgie_core.pfb import SOURCE_MODES, SourceCache
+from ..xmgie_core.validation import check_range
+from .progress import comfy_progress
+
+SOURCE_CACHE = SourceCache()
+"""Source features and inversions shared by every PFB node of this ComfyUI process."""
+
+
+def sampler_choices() -> tuple[list[str], list[str]]:
+    """ComfyUI's sampler and scheduler names (outside ComfyUI, e.g. when CI reads the node's inputs: one each)."""
+    try:
+        import comfy.samplers
+    except ImportError:
+        return ["euler"], ["normal"]
+    return comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
+
+
+PFB_INPUTS = {
+    "mask": ("MASK", {"tooltip": "Edit region (1 = edit), any resolution with the latent's aspect ratio; one mask, "
+                                 "or one per latent. Outside it the source is kept (features and latent)."}),
+    "source_mode": (list(SOURCE_MODES), {"default": "noised", "tooltip": "How the source branch follows the "
+                    "schedule. noised: the source latent plus one fixed noise (cheap, ComfyUI's noise-mask way). "
+                    "inverted: a DDIM inversion of the source under the source conditioning (PFB-Diff's way; "
+                    "reconstructs the source faithfully; one extra pass per step, cached)."}),
+    "layers": ("STRING", {"default": "auto", "tooltip": "U-Net layers to blend, comma-separated: auto (every layer "
+               "on the two coarsest grids: SD1.5 input_7-11, middle, output_0-4), middle, input_7, output_0-4 ... "
+               "each optionally ':weight' (outside weight) and '@end' (end fraction), e.g. 'auto, output_3-4:0.5@0.6'. "
+               "A layer the model lacks gives an error listing its layers."}),
+    "outside_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "alpha outside the "
+                       "mask: 0 = the source's features (PFB-Diff), 0.5 = the paper's initial alpha, 1 = no blending."}),
+    "blend_end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Blend features "
+                          "until this fraction of the schedule (1 = every step)."}),
+    "latent_blend_end_percent": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Keep the "
+                                 "latent outside the mask on the source trajectory until this fraction of the schedule "
+                                 "(PFB-Diff: the first half). 1 = to the end: outside the mask the result is the "
+                                 "source latent exactly."}),
+    "soft_edge": ("BOOLEAN", {"default": True, "tooltip": "Use the fraction of each coarse cell the mask covers as the "
+                  "blend weight at the border (off: a cell is inside when half of it is covered)."}),
+    "cache": ("BOOLEAN", {"default": True, "tooltip": "Keep the source branch's features (and inversion) for the next "
+              "run: editing the same image again (new prompt, mask or seed) skips the source pass. Off frees the cache."}),
+    "cache_mb": ("INT", {"default": 1024, "min": 0, "max": 65536, "step": 64, "tooltip": "Size of the source cache in "
+                 "MB (kept in system memory). About 8 MB per step for SD1.5 at 512x512 with the auto layers."}),
+}
+SOURCE_INPUT = {"source": ("CONDITIONING", {"tooltip": "Conditioning of the source branch, e.g. a description of the "
+                                                       "source image. Default: the negative."})}
+
+
+def pfb_settings(mask: torch.Tensor, source_mode: str, layers: str, outside_weight: float, blend_end_percent: float,
+                 latent_blend_end_percent: float, soft_edge: bool, cache: bool, cache_mb: int) -> PFBSettings:
+    """The guider settings from the nodes' shared inputs; the shared cache is resized, or freed when off."""
+    check_range(cache_mb, "cache_mb", 0, 65536)
+    if cache:
+        SOURCE_CACHE.resize(cache_mb)
+    else:
+        SOURCE_CACHE.clear()
+    return PFBSettings(mask, layers, outside_weight, blend_end_percent, latent_blend_end_percent, soft_edge,
+                       source_mode, SOURCE_CACHE if cache else None, cache_mb, comfy_progress())
+
+
+def make_guider(model, positive, negative, source, cfg: float, settings: PFBSettings):
+    guider = pfb_guider_class()(model, settings)
+    guider.set_conds(positive, negative, source)
+    guider.set_cfg(cfg)
+    return guider
+
+
+class XMGIEPFBGuider:
+    """PFB as a GUIDER for SamplerCustomAdvanced: its latent_image is the VAE-encoded source."""
+
+    CATEGORY = "xMGIE/sampling"
+    FUNCTION = "get_guider"
+    RETURN_TYPES = ("GUIDER",)
+    RETURN_NAMES = ("guider",)
+    OUTPUT_TOOLTIPS = ("CFG guidance with PFB's source branch; give SamplerCustomAdvanced the VAE-encoded source as "
+                       "latent_image.",)
+    DESCRIPTION = ("Progressive feature blending (PFB-Diff): a source branch runs beside the edit and its U-Net "
+                   "features replace the edit's outside the mask at the chosen layers; the latent outside the mask "
+                   "stays on the source trajectory for part of the schedule.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model (not changed)."}),
+                "positive": ("CONDITIONING", {"tooltip": "The edit prompt."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt."}),
+                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance scale of the edit branch."}),
+                **PFB_INPUTS,
+            },
+            "optional": SOURCE_INPUT,
+        }
+
+    def get_guider(self, model, positive, negative, cfg: float, mask: torch.Tensor, source_mode: str, layers: str,
+                   outside_weight: float, blend_end_percent: float, latent_blend_end_percent: float,
+                   soft_edge: bool, cache: bool, cache_mb: int, source=None) -> tuple:
+        settings = pfb_settings(mask, source_mode, layers, outside_weight, blend_end_percent,
+                                latent_blend_end_percent, soft_edge, cache, cache_mb)
+        if settings.empty:
+            warn_empty_mask()
+        return (make_guider(model, positive, negative, source, cfg, settings),)
+
+
+class XMGIEPFBSampler:
+    """A KSampler with PFB: the edit is sampled beside a source branch and blended with it outside the mask."""
+
+    CATEGORY = "xMGIE/sampling"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The edited latent (the source outside the mask).",)
+    DESCRIPTION = XMGIEPFBGuider.DESCRIPTION
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        samplers, schedulers = sampler_choices()
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model (not changed); base SD1.5/SDXL or an inpainting model."}),
+                "positive": ("CONDITIONING", {"tooltip": "The edit prompt (e.g. the Cross-Attention Mask node's "
+                                                         "'positive')."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt."}),
+                "latent_image": ("LATENT", {"tooltip": "The VAE-encoded source image; a noise_mask on it is "
+                                                       "honoured as in KSampler."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Seed of the edit's noise (the source branch's noise is fixed)."}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Sampling steps."}),
+                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance scale of the edit branch."}),
+                "sampler_name": (samplers, {"tooltip": "The sampling algorithm (any of KSampler's)."}),
+                "scheduler": (schedulers, {"tooltip": "The noise schedule (any of KSampler's)."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "How much "
+                                      "of the schedule to run from the source (PFB-Diff's encode ratio)."}),
+                **PFB_INPUTS,
+            },
+            "optional": SOURCE_INPUT,
+        }
+
+    def sample(self, model, positive, negative, latent_image: dict, seed: int, steps: int, cfg: float,
+               sampler_name: str, scheduler: str, denoise: float, mask: torch.Tensor, source_mode: str, layers: str,
+               outside_weight: float, blend_end_percent: float, latent_blend_end_percent: float, soft_edge: bool,
+               cache: bool, cache_mb: int, source=None) -> tuple:
+        import comfy.model_management
+        import comfy.sample
+        import comfy.samplers
+        import comfy.utils
+        import latent_preview
+
+        settings = pfb_settings(mask, source_mode, layers, outside_weight, blend_end_percent,
+                                latent_blend_end_percent, soft_edge, cache, cache_mb)
+        samples = check_source_latent(model, latent_image["samples"], settings)
+        if settings.empty:
+            warn_empty_mask()
+            return (latent_image,)
+        guider = make_guider(model, positive, negative, source, cfg, settings)
+        samples = comfy.sample.fix_empty_latent_channels(model, samples)
+        noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+        sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                         scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas
+        out = guider.sample(noise, samples, comfy.samplers.sampler_object(sampler_name), sigmas,
+                            denoise_mask=latent_image.get("noise_mask"),
+                            callback=latent_preview.prepare_callback(model, sigmas.shape[-1] - 1),
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        result = latent_image.copy()
+        result["samples"] = out.to(comfy.model_management.intermediate_device())
+        return (result,)
+
+
+def check_source_latent(model, samples: torch.Tensor, settings: PFBSettings) -> torch.Tensor:
+    """The source latent must be this model's latent format and match the mask's batch and aspect ratio."""
+    channels = model.get_model_object("latent_format").latent_channels
+    if samples.ndim != 4 or samples.shape[1] != channels:
+        raise XMGIEInputError(
+            f"The latent has shape {tuple(samples.shape)} but this model works on [batch, {channels}, height, width] "
+            "latents: encode the source image with this model's VAE (VAE Encode), not another model's.")
+    b, _, h, w = samples.shape
+    coverage = settings.region.coverage(h, w)  # raises on another aspect ratio
+    if coverage.shape[0] not in (1, b):
+        raise XMGIEInputError(f"The PFB mask has batch {coverage.shape[0]} but the latent batch is {b}; give one "
+                              "mask, or one per latent.")
+    return samples

@@ -1,0 +1,269 @@
+"""PFB on ComfyUI's U-Net: block patches with ComfyUI's signatures and a CFGGuider subclass that runs the source
+branch beside the edit (COMFY_HOST sections 2.3, 2.7, 3.2, 7.5).
+
+- Fusion points: `input_k` is `input_block_patch_after_skip` at block ("input", k) (h after it was pushed as a
+  skip: the skip stays unblended); `middle` is `output_block_patch` at ("output", 0) on h; `output_k` is
+  `output_block_patch` at ("output", k + 1) on h. The patches are added to a copy of the model options per pass,
+  never to the MODEL.
+- Per step, `predict_noise` gets the source features for this sigma (the cache, the inversion's passes, or one
+  extra `calc_cond_batch` with the source conditioning alone: one row, no CFG, stopped after the deepest blended
+  layer), blends them into every row of the edit's CFG pass, and keeps the latent outside the mask on the
+  source trajectory while the latent blend lasts (ComfyUI's noise_mask semantics: the model's input is the source
+  there, its denoised output the clean source).
+- The source branch is prepared in a SAMPLER_SAMPLE wrapper, where the conds are processed and the latent is in
+  model space: `inverted` runs the DDIM inversion there and starts the edit from its top.
+
+ComfyUI is imported only when the guider class is first built (`pfb_guider_class`), so CI can test the patches.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..cam import RegionPyramid
+from ..errors import XMGIEInputError
+from ..pfb import (SOURCE_MODES, BlendPlan, FeatureBlender, SourceBranch, SourceCache, UNetLayout, fingerprint,
+                   latent_blend, parse_layers)
+
+LOG = logging.getLogger("xmgie")
+SOURCE_NOISE_SEED = 0
+"""`noised` mode's fixed source noise: independent of the edit's seed, so a new seed reuses the source cache."""
+SAMPLER_SAMPLE = "sampler_sample"
+"""comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE."""
+CONCAT_KEYS = ("concat_latent_image", "concat_mask", "concat_image")
+"""Conditioning extras that feed a 9-channel inpainting / 8-channel IP2P U-Net's extra input channels."""
+
+
+def comfy_layout(diffusion_model: torch.nn.Module) -> UNetLayout:
+    """The blendable layers of ComfyUI's UNetModel (openaimodel), from where it down- and upsamples."""
+    def scale(block: torch.nn.Module, kind: str) -> int:
+        return 2 if any(type(m).__name__ == kind for m in block.modules()) else 1
+
+    return UNetLayout.from_blocks([scale(b, "Downsample") for b in diffusion_model.input_blocks],
+                                  [scale(b, "Upsample") for b in diffusion_model.output_blocks])
+
+
+class BlockPatch:
+    """input_block_patch_after_skip + output_block_patch calling `hook(layer, h)` at PFB's fusion points."""
+
+    def __init__(self, hook: Callable[[str, torch.Tensor], torch.Tensor]):
+        self.hook = hook
+
+    def __deepcopy__(self, memo: dict) -> "BlockPatch":
+        return self
+
+    # -- h = p(h, transformer_options)
+    def after_skip(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+        return self.hook(f"input_{transformer_options['block'][1]}", h)
+
+    # -- h, hsp = p(h, hsp, transformer_options)
+    def output(self, h: torch.Tensor, hsp: torch.Tensor, transformer_options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        k = transformer_options["block"][1]
+        return self.hook("middle" if k == 0 else f"output_{k - 1}", h), hsp
+
+
+def with_block_patch(model_options: dict, patch: BlockPatch) -> dict:
+    """A copy of model_options with `patch` appended to the block patch lists (the original is untouched)."""
+    options = dict(model_options)
+    to = options["transformer_options"] = dict(options.get("transformer_options", {}))
+    patches = to["patches"] = dict(to.get("patches", {}))
+    patches["input_block_patch_after_skip"] = patches.get("input_block_patch_after_skip", []) + [patch.after_skip]
+    patches["output_block_patch"] = patches.get("output_block_patch", []) + [patch.output]
+    return options
+
+
+def source_conds(source: list | None, negative: list, positive: list) -> list:
+    """The source branch's conditioning (default: the negative), given the positive's concat inputs where it
+    lacks them, so an inpainting or IP2P U-Net gets the same extra channels on both branches."""
+    chosen = source if source else negative
+    extras = {k: v for k, v in (positive[0][1] if positive else {}).items() if k in CONCAT_KEYS}
+    return [[c[0], {**extras, **c[1]}] for c in chosen]
+
+
+def model_identity(model_patcher: Any, model_options: dict) -> tuple[list, tuple]:
+    """What makes two runs' source features equal besides their inputs: the weights (the base model and its
+    weight patches), the object patches (e.g. model_sampling) and every attention/block patch and wrapper that
+    could touch the source pass. Objects marked `xmgie_source_neutral` (CAM: masks only its own prompt) are
+    left out. Returns (parts for the fingerprint, objects to keep alive while the key is in use)."""
+    to = model_options.get("transformer_options", {})
+    objects = [model_patcher.model, *getattr(model_patcher, "object_patches", {}).values(),
+               model_options.get("model_function_wrapper"), to.get("optimized_attention_override")]
+    for group in ("patches", "patches_replace"):
+        for value in to.get(group, {}).values():
+            objects.extend(value.values() if isinstance(value, dict) else value)
+    kept = tuple(o for o in objects if o is not None and not _neutral(o))
+    return [getattr(model_patcher, "patches_uuid", None), list(kept)], kept
+
+
+def cond_content(entries: list[dict]) -> list[dict]:
+    """What of processed cond entries the source pass depends on: not the per-run uuid, and the tensors inside
+    the model_conds wrappers (CONDRegular / CONDCrossAttn objects are new each run)."""
+    return [{k: ({n: getattr(c, "cond", c) for n, c in v.items()} if k == "model_conds" else v)
+             for k, v in entry.items() if k != "uuid"} for entry in entries]
+
+
+def _neutral(obj: Any) -> bool:
+    return bool(getattr(getattr(obj, "__self__", obj), "xmgie_source_neutral", False))
+
+
+@dataclass
+class PFBSettings:
+    """The user's PFB choices, as the nodes pass them to the guider."""
+
+    mask: torch.Tensor
+    layers: str = "auto"
+    outside_weight: float = 0.0
+    blend_end: float = 1.0
+    latent_end: float = 0.5
+    soft_edge: bool = True
+    source_mode: str = "noised"
+    cache: SourceCache | None = None
+    """The node's cache across runs; None: a private cache of `cache_mb` for this run only."""
+    cache_mb: float = 1024.0
+    progress: Callable[[int, int], None] | None = None
+    """Progress of the inversion (and a place to raise on interrupt)."""
+
+    def __post_init__(self) -> None:
+        if self.source_mode not in SOURCE_MODES:
+            raise XMGIEInputError(f"Unknown source_mode {self.source_mode!r}; use one of {', '.join(SOURCE_MODES)}.")
+        self.region = RegionPyramid(self.mask, 0.5, name="The PFB mask", allow_empty=True)
+
+    @property
+    def empty(self) -> bool:
+        return not bool((self.region.mask >= 0.5).any())
+
+
+@dataclass
+class _Run:
+    """One sampling run's PFB state, built when the sampler starts."""
+
+    plan: BlendPlan
+    branch: SourceBranch
+    source: torch.Tensor
+    """The source latent in model space (z)."""
+
+
+_GUIDER: list[type] = []
+
+
+def pfb_guider_class() -> type:
+    """The PFB guider class (a comfy.samplers.CFGGuider), built on first use."""
+    if _GUIDER:
+        return _GUIDER[0]
+    import comfy.model_management
+    import comfy.samplers
+
+    class PFBGuider(comfy.samplers.CFGGuider):
+        """CFG guider that runs PFB's source branch beside the edit (see module doc)."""
+
+        def __init__(self, model_patcher: Any, settings: PFBSettings):
+            super().__init__(model_patcher)
+            self.settings = settings
+            self.run: _Run | None = None
+
+        def set_conds(self, positive: list, negative: list, source: list | None = None) -> None:
+            self.inner_set_conds({"positive": positive, "negative": negative,
+                                  "source": source_conds(source, negative, positive)})
+
+        def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar,
+                         seed):
+            options = self.model_options
+            to = options["transformer_options"] = dict(options.get("transformer_options", {}))
+            wrappers = to["wrappers"] = dict(to.get("wrappers", {}))
+            wrappers[SAMPLER_SAMPLE] = {**wrappers.get(SAMPLER_SAMPLE, {}), "xmgie_pfb": [self._start]}
+            try:
+                samples = super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
+                                               disable_pbar, seed)
+                if self.run.plan.latent_to_end:  # outside the mask: the input latent, bit for bit
+                    m = self.run.plan.latent_mask(*samples.shape[-2:], samples.device)
+                    samples = latent_blend(samples, latent_image.to(samples), m)
+                return samples
+            finally:
+                self.run = None
+
+        # -- SAMPLER_SAMPLE wrapper: (executor, guider, sigmas, extra_args, callback, noise, latent_image, ...)
+        def _start(self, executor, guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
+                   disable_pbar):
+            self.run = self._prepare(sigmas, latent_image, extra_args["model_options"])
+            if self.settings.source_mode == "inverted":
+                noise = self._noise_for_start(executor.class_obj, sigmas, noise, latent_image)
+            return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+
+        def _prepare(self, sigmas: torch.Tensor, z: torch.Tensor, model_options: dict) -> _Run:
+            s = self.settings
+            ms = self.inner_model.model_sampling
+            layout = comfy_layout(self.inner_model.diffusion_model)
+            plan = BlendPlan.build(parse_layers(s.layers, layout, s.outside_weight, s.blend_end), s.region,
+                                   s.soft_edge, s.latent_end, ms.percent_to_sigma)
+            m = plan.latent_mask(*z.shape[-2:], z.device)  # checks the mask's aspect ratio now, not mid-run
+            if m.shape[0] not in (1, z.shape[0]):
+                raise XMGIEInputError(f"The PFB mask has batch {m.shape[0]} but the latent batch is {z.shape[0]}; "
+                                      "give one mask, or one per latent.")
+            names = list(plan.layers)
+            cache = s.cache if s.cache is not None else SourceCache(s.cache_mb)
+            parts, keep = model_identity(self.model_patcher, model_options)
+            schedule = [float(v) for v in sigmas]
+            if s.source_mode == "noised":
+                generator = torch.Generator().manual_seed(SOURCE_NOISE_SEED)
+                n = torch.randn(z.shape, generator=generator).to(z)
+                trajectory = lambda sigma: ms.noise_scaling(torch.tensor(sigma, device=z.device), n, z)  # noqa: E731
+                key = fingerprint("noised", z, SOURCE_NOISE_SEED, names, cond_content(self.conds["source"]), parts)
+            else:
+                key = fingerprint("inverted", z, schedule, names, cond_content(self.conds["source"]), parts)
+            record = cache.record(key, keep)
+            branch = SourceBranch(None, self._source_pass(model_options), names, record, cache,
+                                  comfy.model_management.intermediate_device())
+            if s.source_mode == "inverted":
+                if record.trajectory is None:
+                    record.set_trajectory(branch.invert(z, schedule, float(ms.sigma_min), s.progress))
+                trajectory = record.trajectory.at
+            branch.trajectory = trajectory
+            return _Run(plan, branch, z)
+
+        def _source_pass(self, model_options: dict):
+            def run_pass(x: torch.Tensor, sigma: float, recorder) -> torch.Tensor:
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                options = with_block_patch(model_options, BlockPatch(recorder))
+                timestep = x.new_full((x.shape[0],), sigma)
+                return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["source"]], x, timestep,
+                                                      options)[0]
+            return run_pass
+
+        def _noise_for_start(self, sampler, sigmas, noise, z):
+            """The noise for which the sampler's first latent, noise_scaling(sigma_0, noise, z), is the inversion's
+            top x_inv(sigma_0) (noise_scaling is affine in the noise)."""
+            ms = self.inner_model.model_sampling
+            max_denoise = sampler.max_denoise(self, sigmas)
+            zero = torch.zeros_like(z)
+            offset = ms.noise_scaling(sigmas[0], zero, z, max_denoise)
+            gain = ms.noise_scaling(sigmas[0], torch.ones_like(z), zero, max_denoise)
+            return ((self.run.branch.trajectory(float(sigmas[0])) - offset) / gain).to(noise)
+
+        def predict_noise(self, x, timestep, model_options={}, seed=None):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            run = self.run
+            sigma = float(timestep.max())
+            layers = run.plan.active_layers(sigma)
+            blending = run.plan.latent_active(sigma)
+            if not layers and not blending:
+                return super().predict_noise(x, timestep, model_options, seed)
+            if layers:
+                model_options = with_block_patch(
+                    model_options, BlockPatch(FeatureBlender(run.plan, run.branch.features(sigma), layers)))
+            if blending:
+                m = run.plan.latent_mask(*x.shape[-2:], x.device)
+                x = latent_blend(x, run.branch.trajectory(sigma).to(x), m)
+            denoised = super().predict_noise(x, timestep, model_options, seed)
+            return latent_blend(denoised, run.source.to(denoised), m) if blending else denoised
+
+    _GUIDER.append(PFBGuider)
+    return PFBGuider
+
+
+def warn_empty_mask() -> None:
+    LOG.warning("xMGIE PFB: the mask is empty, so nothing is edited: the source latent is returned unchanged. "
+                "Paint the region to edit.")
