@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..xmgie_core.errors import XMGIEInputError
-from ..xmgie_core.hosts.comfy_pfb import PFBSettings, pfb_guider_class, warn_empty_mask
-from ..xmgie_core.pfb import SOURCE_MODES, SourceCache
+from ..xmgie_core.hosts.comfy_pfb import pfb_guider_class, warn_empty_mask
+from ..xmgie_core.pfb import SOURCE_MODES, PFBSettings, SourceCache
 from ..xmgie_core.validation import check_range
 from .progress import comfy_progress
 

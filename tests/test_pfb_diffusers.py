@@ -10,8 +10,8 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from xmgie_core.errors import XMGIEInputError
-from xmgie_core.hosts.diffusers_pfb import DiffusersPFB, diffusers_fusion_points, fusion_hooks, pfb_edit
-from xmgie_core.pfb import SourceCache
+from xmgie_core.hosts.diffusers_pfb import diffusers_fusion_points, fusion_hooks, pfb_edit
+from xmgie_core.pfb import PFBSettings, SourceCache
 
 CROSS = 32
 
@@ -67,7 +67,7 @@ def test_fusion_points_follow_the_ldm_block_order(tiny_unet):
 @pytest.mark.parametrize("mode", ["noised", "inverted"])
 def test_empty_mask_with_latent_blend_to_the_end_returns_the_source_exactly(tiny_unet, source, scheduler, mode):
     kwargs = {"clip_sample": False} if scheduler is DDIMScheduler else {}
-    out, _ = edit(tiny_unet, source, DiffusersPFB(torch.zeros(1, 16, 16), source_mode=mode, latent_end=1.0),
+    out, _ = edit(tiny_unet, source, PFBSettings(torch.zeros(1, 16, 16), source_mode=mode, latent_end=1.0),
                   scheduler(**kwargs), strength=0.6)
     assert torch.equal(out, source)
 
@@ -88,13 +88,13 @@ def plain_sampling(unet, source, steps=6, seed=1, guidance=7.5):
 
 def test_full_mask_is_plain_sampling(tiny_unet, source):
     """Inside the mask alpha = 1 and eq 23 keeps the model's latent: PFB equals plain sampling, same seed."""
-    out, branch = edit(tiny_unet, source, DiffusersPFB(torch.ones(1, 16, 16), outside_weight=0.3, latent_end=1.0))
+    out, branch = edit(tiny_unet, source, PFBSettings(torch.ones(1, 16, 16), outside_weight=0.3, latent_end=1.0))
     assert branch.passes == 6  # the source branch did run
     assert (out - plain_sampling(tiny_unet, source)).abs().max() <= 1e-5
 
 
 def test_a_blended_level_changes_the_edit_and_an_unblended_one_does_not(tiny_unet, source):
-    settings = lambda layers: DiffusersPFB(box_mask(), layers=layers, latent_end=0.0)  # noqa: E731
+    settings = lambda layers: PFBSettings(box_mask(), layers=layers, latent_end=0.0)  # noqa: E731
     blended, _ = edit(tiny_unet, source, settings("middle"))
     weight_one, _ = edit(tiny_unet, source, settings("middle:1"))  # alpha = 1 everywhere: no blending
     never, _ = edit(tiny_unet, source, settings("middle@0"))  # its schedule ends before the first step
@@ -116,7 +116,7 @@ def smooth_unet(tiny_unet):
 
 def reconstruction_error(unet, source, mode, steps):
     _, _, src = prompts()
-    out, _ = edit(unet, source, DiffusersPFB(torch.ones(1, 16, 16), source_mode=mode), steps=steps, strength=0.5,
+    out, _ = edit(unet, source, PFBSettings(torch.ones(1, 16, 16), source_mode=mode), steps=steps, strength=0.5,
                   guidance=1.0, cond=src)
     return float((out - source).abs().max() / source.abs().max())
 
@@ -133,12 +133,12 @@ def test_inverted_source_without_an_edit_reconstructs_the_source(smooth_unet, so
 @pytest.mark.parametrize("mode", ["noised", "inverted"])
 def test_cache_hit_is_identical_and_skips_the_source_pass(tiny_unet, source, mode):
     cache = SourceCache(64)
-    settings = DiffusersPFB(box_mask(), source_mode=mode, cache=cache)
+    settings = PFBSettings(box_mask(), source_mode=mode, cache=cache)
     first, branch = edit(tiny_unet, source, settings)
     assert branch.passes == (6 if mode == "noised" else 7)  # inverted: 6 inversion passes + the top step
     second, branch = edit(tiny_unet, source, settings)
     assert branch.passes == 0 and torch.equal(first, second)
-    _, branch = edit(tiny_unet, source, DiffusersPFB(torch.ones(1, 16, 16), source_mode=mode, cache=cache), seed=9)
+    _, branch = edit(tiny_unet, source, PFBSettings(torch.ones(1, 16, 16), source_mode=mode, cache=cache), seed=9)
     assert branch.passes == 0  # a new mask and seed: still the same source branch
     _, branch = edit(tiny_unet, source + 0.01, settings)
     assert branch.passes > 0  # another source image: a miss
@@ -146,8 +146,8 @@ def test_cache_hit_is_identical_and_skips_the_source_pass(tiny_unet, source, mod
 
 def test_diffusers_loop_refuses_what_it_cannot_do(tiny_unet, source):
     with pytest.raises(XMGIEInputError, match="epsilon-prediction"):
-        edit(tiny_unet, source, DiffusersPFB(box_mask()), DDIMScheduler(prediction_type="v_prediction"))
+        edit(tiny_unet, source, PFBSettings(box_mask()), DDIMScheduler(prediction_type="v_prediction"))
     with pytest.raises(XMGIEInputError, match="Unknown source_mode 'reversed'"):
-        edit(tiny_unet, source, DiffusersPFB(box_mask(), source_mode="reversed"))
+        edit(tiny_unet, source, PFBSettings(box_mask(), source_mode="reversed"))
     with pytest.raises(XMGIEInputError, match="This model has no layer output_5"):
-        edit(tiny_unet, source, DiffusersPFB(box_mask(), layers="output_5"))
+        edit(tiny_unet, source, PFBSettings(box_mask(), layers="output_5"))

@@ -33,11 +33,7 @@ def check_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:
         raise XMGIEInputError(
             f"{name} must be an IMAGE of shape [batch, height, width, channels], got shape {_shape(image)}."
         )
-    if not image.is_floating_point():
-        raise XMGIEInputError(f"{name} must be a float tensor in 0..1, got dtype {image.dtype}.")
-    if min(image.shape) == 0:
-        raise XMGIEInputError(f"{name} is empty (shape {_shape(image)}); connect an image with at least one pixel.")
-    check_finite(image, name)
+    _check_values(image, name, "IMAGE")
     return image
 
 
@@ -49,12 +45,18 @@ def check_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
         raise XMGIEInputError(
             f"{name} must be a MASK of shape [batch, height, width] or [height, width], got shape {_shape(mask)}."
         )
-    if not mask.is_floating_point():
-        raise XMGIEInputError(f"{name} must be a float MASK in 0..1, got dtype {mask.dtype}.")
-    if min(mask.shape) == 0:
-        raise XMGIEInputError(f"{name} is empty (shape {_shape(mask)}); connect a mask with at least one pixel.")
-    check_finite(mask, name)
+    _check_values(mask, name, "MASK")
     return mask
+
+
+def _check_values(t: torch.Tensor, name: str, kind: str) -> None:
+    """Float, at least one element, finite."""
+    if not t.is_floating_point():
+        raise XMGIEInputError(f"{name} must be a float {kind} in 0..1, got dtype {t.dtype}.")
+    if min(t.shape) == 0:
+        raise XMGIEInputError(f"{name} is empty (shape {_shape(t)}); connect a {kind.lower()} with at least one "
+                              "pixel.")
+    check_finite(t, name)
 
 
 def check_range(value: float, name: str, low: float, high: float, hint: str = "") -> float:

@@ -24,9 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..cam import RegionPyramid
 from ..errors import XMGIEInputError
-from ..pfb import (SOURCE_MODES, BlendPlan, FeatureBlender, SourceBranch, SourceCache, UNetLayout, fingerprint,
+from ..pfb import (BlendPlan, FeatureBlender, PFBSettings, SourceBranch, UNetLayout, fingerprint,
                    latent_blend, parse_layers)
 
 LOG = logging.getLogger("xmgie")
@@ -111,33 +110,6 @@ def _neutral(obj: Any) -> bool:
 
 
 @dataclass
-class PFBSettings:
-    """The user's PFB choices, as the nodes pass them to the guider."""
-
-    mask: torch.Tensor
-    layers: str = "auto"
-    outside_weight: float = 0.0
-    blend_end: float = 1.0
-    latent_end: float = 0.5
-    soft_edge: bool = True
-    source_mode: str = "noised"
-    cache: SourceCache | None = None
-    """The node's cache across runs; None: a private cache of `cache_mb` for this run only."""
-    cache_mb: float = 1024.0
-    progress: Callable[[int, int], None] | None = None
-    """Progress of the inversion (and a place to raise on interrupt)."""
-
-    def __post_init__(self) -> None:
-        if self.source_mode not in SOURCE_MODES:
-            raise XMGIEInputError(f"Unknown source_mode {self.source_mode!r}; use one of {', '.join(SOURCE_MODES)}.")
-        self.region = RegionPyramid(self.mask, 0.5, name="The PFB mask", allow_empty=True)
-
-    @property
-    def empty(self) -> bool:
-        return not bool((self.region.mask >= 0.5).any())
-
-
-@dataclass
 class _Run:
     """One sampling run's PFB state, built when the sampler starts."""
 
@@ -204,7 +176,7 @@ def pfb_guider_class() -> type:
                 raise XMGIEInputError(f"The PFB mask has batch {m.shape[0]} but the latent batch is {z.shape[0]}; "
                                       "give one mask, or one per latent.")
             names = list(plan.layers)
-            cache = s.cache if s.cache is not None else SourceCache(s.cache_mb)
+            cache = s.private_or_shared_cache()
             parts, keep = model_identity(self.model_patcher, model_options)
             schedule = [float(v) for v in sigmas]
             if s.source_mode == "noised":

@@ -21,10 +21,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..cam import RegionPyramid
 from ..errors import XMGIEInputError
-from ..pfb import (SOURCE_MODES, BlendPlan, FeatureBlender, FeatureRecorder, SourceBranch, SourceCache, UNetLayout,
-                   fingerprint, latent_blend, parse_layers)
+from ..pfb import (BlendPlan, FeatureBlender, FeatureRecorder, PFBSettings, SourceBranch, UNetLayout, fingerprint,
+                   latent_blend, parse_layers)
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -114,24 +113,9 @@ class ScheduleSigmas:
         return float(self.sigmas[0])
 
 
-@dataclass
-class DiffusersPFB:
-    """Everything the diffusers edit loop needs besides the models and prompts."""
-
-    mask: torch.Tensor
-    layers: str = "auto"
-    outside_weight: float = 0.0
-    blend_end: float = 1.0
-    latent_end: float = 0.5
-    soft_edge: bool = True
-    source_mode: str = "noised"
-    cache: SourceCache | None = None
-    cache_mb: float = 1024.0
-
-
 @torch.no_grad()
 def pfb_edit(unet: torch.nn.Module, scheduler, source: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-             source_cond: torch.Tensor, settings: DiffusersPFB, steps: int = 20, guidance: float = 7.5,
+             source_cond: torch.Tensor, settings: PFBSettings, steps: int = 20, guidance: float = 7.5,
              strength: float = 1.0, generator: torch.Generator | None = None,
              on_branch: Callable[[SourceBranch], None] | None = None) -> torch.Tensor:
     """Edit `source` (a scaled latent [B,4,h,w]) with PFB; returns the edited latent.
@@ -139,17 +123,14 @@ def pfb_edit(unet: torch.nn.Module, scheduler, source: torch.Tensor, cond: torch
     cond/uncond/source_cond are [1 or B, L, C] text embeddings; `strength` is the fraction of the schedule run
     (PFB-Diff's encode ratio). `on_branch` receives the source branch (its `passes` count the source U-Net passes).
     """
-    if settings.source_mode not in SOURCE_MODES:
-        raise XMGIEInputError(f"Unknown source_mode {settings.source_mode!r}; use one of {', '.join(SOURCE_MODES)}.")
     if getattr(scheduler.config, "prediction_type", "epsilon") != "epsilon":
         raise XMGIEInputError("The diffusers PFB loop supports epsilon-prediction schedulers only.")
     z = source
     b = z.shape[0]
     sig = ScheduleSigmas(scheduler)
     layout, points = diffusers_fusion_points(unet)
-    region = RegionPyramid(settings.mask, 0.5, name="The PFB mask", allow_empty=True)
     plan = BlendPlan.build(parse_layers(settings.layers, layout, settings.outside_weight, settings.blend_end),
-                           region, settings.soft_edge, settings.latent_end, sig.percent_to_sigma)
+                           settings.region, settings.soft_edge, settings.latent_end, sig.percent_to_sigma)
     m = plan.latent_mask(*z.shape[-2:], z.device)
     scheduler.set_timesteps(steps)
     start = len(scheduler.timesteps) - max(1, round(steps * strength))
@@ -164,7 +145,7 @@ def pfb_edit(unet: torch.nn.Module, scheduler, source: torch.Tensor, cond: torch
             eps = unet(x / (1 + sigma**2) ** 0.5, sig.timestep(sigma), encoder_hidden_states=rows(source_cond)).sample
         return x - sigma * eps
 
-    cache = settings.cache if settings.cache is not None else SourceCache(settings.cache_mb)
+    cache = settings.private_or_shared_cache()
     schedule = [sig.sigma(t) for t in timesteps]
     if settings.source_mode == "noised":
         n = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(z)
@@ -176,7 +157,7 @@ def pfb_edit(unet: torch.nn.Module, scheduler, source: torch.Tensor, cond: torch
         branch.trajectory = lambda sigma: z + sigma * n
     else:
         if branch.record.trajectory is None:
-            branch.record.set_trajectory(branch.invert(z, schedule, sig.sigma_min))
+            branch.record.set_trajectory(branch.invert(z, schedule, sig.sigma_min, settings.progress))
         branch.trajectory = branch.record.trajectory.at
     if on_branch is not None:
         on_branch(branch)
