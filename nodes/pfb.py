@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..xmgie_core.errors import XMGIEInputError
-from ..xmgie_core.hosts.comfy_pfb import pfb_guider_class, warn_empty_mask
+from ..xmgie_core.hosts.comfy_pfb import check_source_latent, pfb_guider_class, warn_empty_mask
 from ..xmgie_core.pfb import SOURCE_MODES, PFBSettings, SourceCache
 from ..xmgie_core.validation import check_range
 from .progress import comfy_progress
@@ -157,7 +156,8 @@ class XMGIEPFBSampler:
 
         settings = pfb_settings(mask, source_mode, layers, outside_weight, blend_end_percent,
                                 latent_blend_end_percent, soft_edge, cache, cache_mb)
-        samples = check_source_latent(model, latent_image["samples"], settings)
+        samples = check_source_latent(model.get_model_object("latent_format").latent_channels,
+                                      latent_image["samples"], settings)
         if settings.empty:
             warn_empty_mask()
             return (latent_image,)
@@ -173,18 +173,3 @@ class XMGIEPFBSampler:
         result = latent_image.copy()
         result["samples"] = out.to(comfy.model_management.intermediate_device())
         return (result,)
-
-
-def check_source_latent(model, samples: torch.Tensor, settings: PFBSettings) -> torch.Tensor:
-    """The source latent must be this model's latent format and match the mask's batch and aspect ratio."""
-    channels = model.get_model_object("latent_format").latent_channels
-    if samples.ndim != 4 or samples.shape[1] != channels:
-        raise XMGIEInputError(
-            f"The latent has shape {tuple(samples.shape)} but this model works on [batch, {channels}, height, width] "
-            "latents: encode the source image with this model's VAE (VAE Encode), not another model's.")
-    b, _, h, w = samples.shape
-    coverage = settings.region.coverage(h, w)  # raises on another aspect ratio
-    if coverage.shape[0] not in (1, b):
-        raise XMGIEInputError(f"The PFB mask has batch {coverage.shape[0]} but the latent batch is {b}; give one "
-                              "mask, or one per latent.")
-    return samples

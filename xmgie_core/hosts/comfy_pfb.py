@@ -98,6 +98,21 @@ def model_identity(model_patcher: Any, model_options: dict) -> tuple[list, tuple
     return [getattr(model_patcher, "patches_uuid", None), list(kept)], kept
 
 
+def check_source_latent(channels: int, samples: torch.Tensor, settings: PFBSettings) -> torch.Tensor:
+    """The source latent must be in the model's latent format ([B, channels, h, w]) and match the mask's batch
+    and aspect ratio."""
+    if samples.ndim != 4 or samples.shape[1] != channels:
+        raise XMGIEInputError(
+            f"The latent has shape {tuple(samples.shape)} but this model works on [batch, {channels}, height, width] "
+            "latents: encode the source image with this model's VAE (VAE Encode), not another model's.")
+    b, _, h, w = samples.shape
+    coverage = settings.region.coverage(h, w)  # raises on another aspect ratio
+    if coverage.shape[0] not in (1, b):
+        raise XMGIEInputError(f"The PFB mask has batch {coverage.shape[0]} but the latent batch is {b}; give one "
+                              "mask, or one per latent.")
+    return samples
+
+
 def cond_content(entries: list[dict]) -> list[dict]:
     """What of processed cond entries the source pass depends on: not the per-run uuid, and the tensors inside
     the model_conds wrappers (CONDRegular / CONDCrossAttn objects are new each run)."""
@@ -171,10 +186,7 @@ def pfb_guider_class() -> type:
             layout = comfy_layout(self.inner_model.diffusion_model)
             plan = BlendPlan.build(parse_layers(s.layers, layout, s.outside_weight, s.blend_end), s.region,
                                    s.soft_edge, s.latent_end, ms.percent_to_sigma)
-            m = plan.latent_mask(*z.shape[-2:], z.device)  # checks the mask's aspect ratio now, not mid-run
-            if m.shape[0] not in (1, z.shape[0]):
-                raise XMGIEInputError(f"The PFB mask has batch {m.shape[0]} but the latent batch is {z.shape[0]}; "
-                                      "give one mask, or one per latent.")
+            check_source_latent(self.inner_model.latent_format.latent_channels, z, s)  # before any U-Net pass
             names = list(plan.layers)
             cache = s.private_or_shared_cache()
             parts, keep = model_identity(self.model_patcher, model_options)

@@ -56,7 +56,8 @@ class SourceBranch:
     """Each step's source features: from the record (a cache hit, or recorded during the inversion), else from
     one source pass on x_src(sigma), stored while the cache has room. `passes` counts the U-Net passes run."""
 
-    trajectory: Callable[[float], torch.Tensor]
+    trajectory: Callable[[float], torch.Tensor] | None
+    """x_src(sigma); for `inverted` set once the inversion (which runs through this branch) is done."""
     run_pass: SourcePass
     layers: list[str]
     record: SourceRecord
