@@ -2,10 +2,12 @@
 
 from .cross_attention_mask import XMGIECrossAttentionMask
 from .gb_compositor import XMGIEGBCompositor
+from .instruction import XMGIEInstruction, register_llm_folder
 from .pfb import XMGIEPFBGuider, XMGIEPFBSampler
 from .samples import install_samples
 
 NODE_CLASS_MAPPINGS = {
+    "XMGIEInstruction": XMGIEInstruction,
     "XMGIEGBCompositor": XMGIEGBCompositor,
     "XMGIECrossAttentionMask": XMGIECrossAttentionMask,
     "XMGIEPFBSampler": XMGIEPFBSampler,
@@ -13,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
+    "XMGIEInstruction": "XMGIE Instruction",
     "XMGIEGBCompositor": "XMGIE GB Compositor",
     "XMGIECrossAttentionMask": "XMGIE Cross-Attention Mask",
     "XMGIEPFBSampler": "XMGIE PFB Sampler",
@@ -20,3 +23,4 @@ NODE_DISPLAY_NAME_MAPPINGS = {
 }
 
 install_samples()
+register_llm_folder()

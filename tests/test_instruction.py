@@ -112,7 +112,7 @@ def test_strict_parse_of_a_model_answer():
     plan = EditPlan.from_model_output("  " + answer() + "\n", "give the man a red scarf", "local")
     assert plan.edit_words == ("red scarf",) and plan.backend == "local" and plan.edit_type == "add"
     assert json.loads(plan.to_json())["target_description"] == "a photo of a man wearing a red scarf"
-    assert set(json.loads(plan.to_json())) == {*FIELDS, "instruction", "backend"}
+    assert set(json.loads(plan.to_json())) == {*FIELDS, "instruction", "backend", "note"}
 
 
 @pytest.mark.parametrize("text, reason", [

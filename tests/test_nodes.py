@@ -16,7 +16,8 @@ def test_every_node_is_mapped_with_a_display_name(pack):
         assert display.startswith("XMGIE ")
 
 
-@pytest.mark.parametrize("name", ["XMGIEGBCompositor", "XMGIECrossAttentionMask", "XMGIEPFBSampler", "XMGIEPFBGuider"])
+@pytest.mark.parametrize("name", ["XMGIEGBCompositor", "XMGIECrossAttentionMask", "XMGIEPFBSampler", "XMGIEPFBGuider",
+                                  "XMGIEInstruction"])
 def test_node_contract(pack, name):
     cls = pack.NODE_CLASS_MAPPINGS[name]
     assert cls.CATEGORY.startswith("xMGIE/")

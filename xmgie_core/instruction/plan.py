@@ -30,6 +30,8 @@ class EditPlan:
     background_words: tuple[str, ...]
     edit_type: str
     backend: str = "rules"
+    note: str = ""
+    """Anything the user should know about how the plan was made (e.g. a model answer that was not used)."""
 
     def __post_init__(self) -> None:
         if self.edit_type not in EDIT_TYPES:

@@ -1,0 +1,129 @@
+"""XMGIE Instruction node: an edit instruction -> expressive instruction, source/target descriptions, edit and
+background words, edit type (MGIE's expressive instruction; seed 002's t_o and t_e)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..xmgie_core.errors import XMGIEInputError
+from ..xmgie_core.instruction.local import GenerationSettings, local_plan
+from ..xmgie_core.instruction.rules import rules_plan
+from ..xmgie_core.validation import check_image
+
+BACKENDS = ("rules", "local model")
+LLM_FOLDER = "LLM"
+
+
+def register_llm_folder() -> None:
+    """ComfyUI's models/LLM (where caption/LLM node packs keep transformers folders), when inside ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        return
+    folder_paths.add_model_folder_path(LLM_FOLDER, os.path.join(folder_paths.models_dir, LLM_FOLDER))
+
+
+def llm_folder(name: str) -> Path:
+    """A model folder: an absolute path, or a folder name under ComfyUI's models/LLM."""
+    if not name.strip():
+        raise XMGIEInputError("The local model backend needs a model folder: the name of a folder under "
+                              "ComfyUI/models/LLM/ (e.g. Qwen2.5-VL-3B-Instruct) or an absolute path.")
+    path = Path(name.strip()).expanduser()
+    if path.is_absolute():
+        return path
+    try:
+        import folder_paths
+
+        roots = [Path(p) for p in folder_paths.get_folder_paths(LLM_FOLDER)]
+    except (ImportError, KeyError):
+        roots = []
+    for root in roots:
+        if (root / path).is_dir():
+            return root / path
+    looked = ", ".join(str(r) for r in roots) or "no models/LLM folder (not running inside ComfyUI)"
+    raise XMGIEInputError(f"Model folder {name!r} not found; looked in: {looked}. Put the model's folder there.")
+
+
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    """ComfyUI's text-encoder device and a half dtype where it supports one; CPU float32 outside ComfyUI."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return torch.device("cpu"), torch.float32
+    device = mm.text_encoder_device()
+    return device, (torch.float16 if mm.should_use_fp16(device) else torch.float32)
+
+
+def free_device_cache() -> None:
+    """Hand the freed model's memory back to the device (ComfyUI's soft_empty_cache) when inside ComfyUI."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    mm.soft_empty_cache()
+
+
+class XMGIEInstruction:
+    """Rewrite an edit instruction into what the other xMGIE nodes need."""
+
+    CATEGORY = "xMGIE/instruction"
+    FUNCTION = "plan"
+    RETURN_TYPES = ("STRING",) * 7
+    RETURN_NAMES = ("expressive_instruction", "source_description", "target_description", "edit_words",
+                    "background_words", "edit_type", "json")
+    OUTPUT_TOOLTIPS = (
+        "The instruction rewritten in detail (MGIE's expressive instruction).",
+        "What the source image shows: the PFB source branch's prompt.",
+        "What the edited image shows: the edit prompt (the Cross-Attention Mask node's prompt).",
+        "Comma-separated phrases of the target description that change (the Cross-Attention Mask's edit_words).",
+        "Comma-separated phrases of the target description that must stay (its background_words); may be empty.",
+        "add, remove, replace, attribute or global.",
+        "All of it as one JSON object (with the backend used and any note, e.g. a model answer that was not used).",
+    )
+    DESCRIPTION = ("Turns an edit instruction into an expressive instruction, source and target descriptions, the edit "
+                   "words to localize and the background words to protect. 'rules' reads common English forms "
+                   "without any model; 'local model' captions the image and writes the plan with a transformers "
+                   "image-text-to-text model from models/LLM.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "The source image (captioned by the local model; unused by rules)."}),
+                "instruction": ("STRING", {"multiline": True, "default": "give the man a red scarf",
+                                           "tooltip": "One edit, e.g. 'add a blue hat to the man', 'remove the fork', "
+                                                      "'replace the cookies with candles', 'make it winter'."}),
+                "backend": (list(BACKENDS), {"default": "rules", "tooltip": "rules: deterministic, no weights. local "
+                            "model: a vision-language model folder from models/LLM (falls back to rules, with a "
+                            "note, when its answer is malformed)."}),
+                "model_folder": ("STRING", {"default": "", "tooltip": "local model: a folder under ComfyUI/models/LLM "
+                                 "(e.g. Qwen2.5-VL-3B-Instruct) or an absolute path; safetensors only."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "local model: seed of sampling (with temperature > 0)."}),
+                "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
+                                          "tooltip": "local model: 0 = greedy (deterministic)."}),
+                "max_new_tokens": ("INT", {"default": 256, "min": 16, "max": 2048,
+                                           "tooltip": "local model: the longest answer, in tokens."}),
+                "keep_loaded": ("BOOLEAN", {"default": False, "tooltip": "local model: keep it in memory for the "
+                                "next run; off frees it after each run."}),
+            },
+        }
+
+    def plan(self, image: torch.Tensor, instruction: str, backend: str, model_folder: str, seed: int,
+             temperature: float, max_new_tokens: int, keep_loaded: bool) -> tuple:
+        check_image(image, "image")
+        if backend == "rules":
+            plan = rules_plan(instruction)
+        elif backend == "local model":
+            device, dtype = device_and_dtype()
+            plan = local_plan(image, instruction, llm_folder(model_folder),
+                              GenerationSettings(seed, temperature, max_new_tokens), keep_loaded, device, dtype)
+            if not keep_loaded:
+                free_device_cache()
+        else:
+            raise XMGIEInputError(f"Unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")
+        return (plan.expressive_instruction, plan.source_description, plan.target_description,
+                ", ".join(plan.edit_words), ", ".join(plan.background_words), plan.edit_type, plan.to_json())
