@@ -39,6 +39,11 @@ def recognizer(backend: str):
     return _LOADED[key]
 
 
+def recognizer_for(embed: IdEmbed):
+    """The backend an ID_EMBED was made with (its embeddings are comparable only with that backend's)."""
+    return recognizer("dlib" if embed.backend == "dlib" else "insightface: " + embed.backend.split(":", 1)[1])
+
+
 class XMGIEIDEmbedder:
     """Faces of an image: identity embeddings, boxes, landmarks, and a face mask."""
 
@@ -86,6 +91,7 @@ class XMGIEIdentityScore:
     RETURN_TYPES = ("FLOAT", "STRING")
     RETURN_NAMES = ("ips", "report")
     OUTPUT_IS_LIST = (True, False)
+    OUTPUT_NODE = True
     OUTPUT_TOOLTIPS = ("Identity preservation score per edited image: cos(E_id(edit), E_id(source)) averaged over "
                        "the source's faces (a face lost in the edit counts 0).",
                        "Per image and face: the IPS and whether it still looks like the same person.")
@@ -100,11 +106,11 @@ class XMGIEIdentityScore:
             },
         }
 
-    def score(self, source: IdEmbed, edited: torch.Tensor) -> tuple[list[float], str]:
+    def score(self, source: IdEmbed, edited: torch.Tensor) -> dict:
+        """The scores as outputs, and the report shown on the node (it runs as an output node)."""
         check_image(edited, "edited image")
-        backend = "dlib" if source.backend == "dlib" else "insightface: " + source.backend.split(":", 1)[1]
-        values, report = ips_report(source, embed_images(recognizer(backend), edited, -1, pass_through=True))
-        return values, report
+        values, report = ips_report(source, embed_images(recognizer_for(source), edited, -1, pass_through=True))
+        return {"ui": {"text": [report]}, "result": (values, report)}
 
 
 def register_insightface_folder() -> None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from ..xmgie_core.hosts.comfy_pfb import check_source_latent, pfb_guider_class, warn_empty_mask
+from ..xmgie_core.errors import XMGIEInputError
+from ..xmgie_core.hosts.comfy_pfb import LOG, check_source_latent, pfb_guider_class, warn_empty_mask
+from ..xmgie_core.identity.faces import IdEmbed, embed_images, ips_report
+from ..xmgie_core.identity.protect import protected_mask, rank_by_ips
 from ..xmgie_core.pfb import SOURCE_MODES, PFBSettings, SourceCache
 from ..xmgie_core.validation import check_range
+from .identity import recognizer_for
 from .progress import comfy_progress
 
 SOURCE_CACHE = SourceCache()
@@ -49,20 +53,34 @@ PFB_INPUTS = {
     "cache_mb": ("INT", {"default": 1024, "min": 0, "max": 65536, "step": 64, "tooltip": "Size of the source cache in "
                  "MB (kept in system memory). About 8 MB per step for SD1.5 at 512x512 with the auto layers."}),
 }
-SOURCE_INPUT = {"source": ("CONDITIONING", {"tooltip": "Conditioning of the source branch, e.g. a description of the "
-                                                       "source image. Default: the negative."})}
+SOURCE_INPUT = {
+    "source": ("CONDITIONING", {"tooltip": "Conditioning of the source branch, e.g. a description of the source image. "
+                                           "Default: the negative."}),
+    "id_embed": ("ID_EMBED", {"tooltip": "The source's faces (XMGIE ID Embedder): where the edit region overlaps a "
+                              "face, the face keeps the source's features and latent (unless the edit covers most of "
+                              "that face, i.e. targets it)."}),
+    "face_protection": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "With id_embed: "
+                        "how strongly protected faces stay the source (1 = fully, 0 = not at all)."}),
+}
 
 
 def pfb_settings(mask: torch.Tensor, source_mode: str, layers: str, outside_weight: float, blend_end_percent: float,
-                 latent_blend_end_percent: float, soft_edge: bool, cache: bool, cache_mb: int) -> PFBSettings:
-    """The guider settings from the nodes' shared inputs; the shared cache is resized, or freed when off."""
+                 latent_blend_end_percent: float, soft_edge: bool, cache: bool, cache_mb: int,
+                 id_embed: IdEmbed | None = None, face_protection: float = 1.0) -> tuple[PFBSettings, str]:
+    """The guider settings from the nodes' shared inputs (the mask with protected faces taken out) and a note on
+    the faces; the shared cache is resized, or freed when off."""
     check_range(cache_mb, "cache_mb", 0, 65536)
+    note = ""
+    if id_embed is not None and not id_embed.empty:
+        mask, notes = protected_mask(mask, id_embed, face_protection)
+        note = "Face protection: " + "; ".join(notes)
+        LOG.info("xMGIE PFB %s", note)
     if cache:
         SOURCE_CACHE.resize(cache_mb)
     else:
         SOURCE_CACHE.clear()
     return PFBSettings(mask, layers, outside_weight, blend_end_percent, latent_blend_end_percent, soft_edge,
-                       source_mode, SOURCE_CACHE if cache else None, cache_mb, comfy_progress())
+                       source_mode, SOURCE_CACHE if cache else None, cache_mb, comfy_progress()), note
 
 
 def make_guider(model, positive, negative, source, cfg: float, settings: PFBSettings):
@@ -101,9 +119,10 @@ class XMGIEPFBGuider:
 
     def get_guider(self, model, positive, negative, cfg: float, mask: torch.Tensor, source_mode: str, layers: str,
                    outside_weight: float, blend_end_percent: float, latent_blend_end_percent: float,
-                   soft_edge: bool, cache: bool, cache_mb: int, source=None) -> tuple:
-        settings = pfb_settings(mask, source_mode, layers, outside_weight, blend_end_percent,
-                                latent_blend_end_percent, soft_edge, cache, cache_mb)
+                   soft_edge: bool, cache: bool, cache_mb: int, source=None, id_embed: IdEmbed | None = None,
+                   face_protection: float = 1.0) -> tuple:
+        settings, _ = pfb_settings(mask, source_mode, layers, outside_weight, blend_end_percent,
+                                   latent_blend_end_percent, soft_edge, cache, cache_mb, id_embed, face_protection)
         if settings.empty:
             warn_empty_mask()
         return (make_guider(model, positive, negative, source, cfg, settings),)
@@ -114,9 +133,13 @@ class XMGIEPFBSampler:
 
     CATEGORY = "xMGIE/sampling"
     FUNCTION = "sample"
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The edited latent (the source outside the mask).",)
+    RETURN_TYPES = ("LATENT", "FLOAT", "STRING")
+    RETURN_NAMES = ("latent", "ips", "report")
+    OUTPUT_IS_LIST = (False, True, False)
+    OUTPUT_TOOLTIPS = ("The edited latent (the source outside the mask); with best-of-N, the candidates, highest "
+                       "identity preservation score first.",
+                       "Best-of-N: each candidate's IPS, in the latent's order (empty otherwise).",
+                       "Which faces were protected, and with best-of-N the IPS report per candidate and face.")
     DESCRIPTION = XMGIEPFBGuider.DESCRIPTION
 
     @classmethod
@@ -141,35 +164,60 @@ class XMGIEPFBSampler:
                                       "of the schedule to run from the source (PFB-Diff's encode ratio)."}),
                 **PFB_INPUTS,
             },
-            "optional": SOURCE_INPUT,
+            "optional": {
+                **SOURCE_INPUT,
+                "candidates": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "With id_embed and vae: sample "
+                               "this many edits as one batch and return them sorted by IPS (1 = off). Costs about N "
+                               "times the sampling plus N VAE decodes and face embeddings."}),
+                "vae": ("VAE", {"tooltip": "Best-of-N: decodes the candidates to score their faces."}),
+            },
         }
 
     def sample(self, model, positive, negative, latent_image: dict, seed: int, steps: int, cfg: float,
                sampler_name: str, scheduler: str, denoise: float, mask: torch.Tensor, source_mode: str, layers: str,
                outside_weight: float, blend_end_percent: float, latent_blend_end_percent: float, soft_edge: bool,
-               cache: bool, cache_mb: int, source=None) -> tuple:
+               cache: bool, cache_mb: int, source=None, id_embed: IdEmbed | None = None, face_protection: float = 1.0,
+               candidates: int = 1, vae=None) -> tuple:
         import comfy.model_management
         import comfy.sample
         import comfy.samplers
         import comfy.utils
         import latent_preview
 
-        settings = pfb_settings(mask, source_mode, layers, outside_weight, blend_end_percent,
-                                latent_blend_end_percent, soft_edge, cache, cache_mb)
+        settings, note = pfb_settings(mask, source_mode, layers, outside_weight, blend_end_percent,
+                                      latent_blend_end_percent, soft_edge, cache, cache_mb, id_embed, face_protection)
         samples = check_source_latent(model.get_model_object("latent_format").latent_channels,
                                       latent_image["samples"], settings)
         if settings.empty:
             warn_empty_mask()
-            return (latent_image,)
+            return latent_image, [], "The mask is empty: the source latent is returned unchanged."
+        best_of = candidates if id_embed is not None and not id_embed.empty and candidates > 1 else 1
+        if best_of > 1:
+            if vae is None:
+                raise XMGIEInputError("Best-of-N decodes the candidates to score their faces: connect the vae input "
+                                      "(or set candidates to 1).")
+            if samples.shape[0] != 1:
+                raise XMGIEInputError(f"Best-of-N samples candidates of one image, but the latent batch is "
+                                      f"{samples.shape[0]}: use a batch of 1 (or set candidates to 1).")
+            samples = samples.repeat(best_of, 1, 1, 1)
         guider = make_guider(model, positive, negative, source, cfg, settings)
         samples = comfy.sample.fix_empty_latent_channels(model, samples)
-        noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+        noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index") if best_of == 1 else None)
         sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                          scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas
         out = guider.sample(noise, samples, comfy.samplers.sampler_object(sampler_name), sigmas,
                             denoise_mask=latent_image.get("noise_mask"),
                             callback=latent_preview.prepare_callback(model, sigmas.shape[-1] - 1),
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        out = out.to(comfy.model_management.intermediate_device())
         result = latent_image.copy()
-        result["samples"] = out.to(comfy.model_management.intermediate_device())
-        return (result,)
+        if best_of == 1:
+            result["samples"] = out
+            return result, [], note
+        values, report = ips_report(id_embed, embed_images(recognizer_for(id_embed), vae.decode(out), -1,
+                                                           pass_through=True))
+        order = rank_by_ips(values)
+        lines = report.splitlines()
+        result["samples"] = out[order]
+        ranked = "\n".join(f"candidate {rank} ({lines[i]})" for rank, i in enumerate(order))
+        return result, [values[i] for i in order], f"{note}\n{ranked}" if note else ranked

@@ -221,10 +221,68 @@ def test_identity_nodes(pack):
     x1, y1, x2, y2 = (int(v) for v in embed.faces[0][0].box)
     assert float(mask[0, (y1 + y2) // 2, (x1 + x2) // 2]) > 0.99 and float(mask[0, 500, 10]) == 0.0
     scorer = pack.NODE_CLASS_MAPPINGS["XMGIEIdentityScore"]()
-    values, report = scorer.score(embed, torch.cat([ASTRONAUT, jpeg(ASTRONAUT, 40)]))
+    shown = scorer.score(embed, torch.cat([ASTRONAUT, jpeg(ASTRONAUT, 40)]))
+    values, report = shown["result"]
+    assert shown["ui"] == {"text": [report]}
     assert len(values) == 2 and values[0] == pytest.approx(1.0, abs=1e-6) and values[1] > 0.9
     assert "image 1: IPS" in report
     with pytest.raises(ValueError, match="outside ComfyUI use the dlib backend"):
         embedder.embed(ASTRONAUT, "insightface: antelopev2", -1, 8.0, False)
     with pytest.raises(ValueError, match="Unknown backend"):
         embedder.embed(ASTRONAUT, "facenet", -1, 8.0, False)
+
+
+# ---------------------------------------------------------------------------- protection inside PFB
+
+def test_protected_mask_takes_overlapped_faces_out_of_the_edit():
+    from xmgie_core.identity.faces import IdEmbed
+    from xmgie_core.identity.protect import protected_mask, rank_by_ips
+
+    face = _face(24, 24, 80)
+    embed = IdEmbed([[face]], (128, 128), "dlib")
+    scarf = torch.zeros(1, 128, 128)
+    scarf[:, 60:128, 0:128] = 1  # overlaps the face's lower part (less than half of it)
+    out, notes = protected_mask(scarf, embed, 1.0)
+    core = (face_mask([face], 128, 128) > 1 - 1e-5) & scarf[0].bool()  # the face inside its feathered edge
+    assert core.any() and not out[0][core].any() and "protected" in notes[0]
+    far = scarf[0].bool() & (face_mask([face], 128, 128, feather=12) == 0)
+    assert torch.equal(out[0][far], scarf[0][far])  # away from the face the edit region is unchanged
+    half, _ = protected_mask(scarf, embed, 0.5)
+    assert torch.allclose(half[0][core], torch.full_like(half[0][core], 0.5))
+    assert torch.equal(protected_mask(scarf, embed, 0.0)[0], scarf)
+    whole_face = torch.zeros(1, 128, 128)
+    whole_face[:, 0:128, 10:118] = 1  # the edit targets the face: it is edited
+    out, notes = protected_mask(whole_face, embed, 1.0)
+    assert torch.equal(out, whole_face) and "edited, not protected" in notes[0]
+    with pytest.raises(XMGIEInputError, match="made from a 128x128 image but the mask is 64x128"):
+        protected_mask(torch.ones(1, 64, 128), embed, 1.0)
+    with pytest.raises(XMGIEInputError, match="face_protection must be between 0 and 1"):
+        protected_mask(scarf, embed, 1.5)
+    assert rank_by_ips([0.2, 0.9, 0.5, 0.9]) == [1, 3, 2, 0]
+
+
+def test_protection_strength_one_keeps_the_face_the_source_in_pfb(tiny_unet):
+    """On the tiny diffusers pipeline (latent 16x16 for a 128x128 image): with the latent blended to the end, the
+    latent cells of a protected face inside the edit region are the source exactly; unprotected, they change."""
+    from xmgie_core.hosts.diffusers_pfb import pfb_edit
+    from xmgie_core.identity.faces import IdEmbed
+    from xmgie_core.identity.protect import protected_mask
+    from xmgie_core.pfb import PFBSettings
+
+    face = _face(16, 16, 96)
+    edit = torch.zeros(1, 128, 128)
+    edit[:, 64:128, :] = 1  # 37% of the face
+    protected, _ = protected_mask(edit, IdEmbed([[face]], (128, 128), "dlib"), 1.0)
+    g = torch.Generator().manual_seed(3)
+    z, cond, uncond, src = torch.randn(1, 4, 16, 16, generator=g), *(torch.randn(1, 8, 32, generator=g) for _ in range(3))
+    cells = (torch.nn.functional.adaptive_avg_pool2d((face_mask([face], 128, 128) > 1 - 1e-5).float()[None], 16)[0]
+             == 1) & \
+        (torch.nn.functional.adaptive_avg_pool2d(edit, 16)[0] == 1)
+    assert cells.any()
+    from diffusers import DDIMScheduler
+
+    runs = {name: pfb_edit(tiny_unet, DDIMScheduler(clip_sample=False), z, cond, uncond, src,
+                           PFBSettings(mask, latent_end=1.0), steps=4, generator=torch.Generator().manual_seed(1))
+            for name, mask in (("protected", protected), ("plain", edit))}
+    assert torch.equal(runs["protected"][..., cells], z[..., cells])
+    assert not torch.equal(runs["plain"][..., cells], z[..., cells])

@@ -279,3 +279,74 @@ def test_pfb_workflow_runs_and_keeps_the_source_outside(runner, tiny_checkpoint)
     assert not problem, f"far outside the mask the result is not the source: {problem}"
     assert (expected.region & (out != expected.source).any(axis=-1)).any(), "the edit did not arrive"
     assert np.isfinite(out).all()
+
+
+@pytest.fixture(scope="module")
+def astronaut_faces(comfy_host):
+    """The astronaut's ID_EMBED (dlib backend) and the image."""
+    from skimage import data
+
+    image = torch.from_numpy(data.astronaut().astype(np.float32) / 255.0)[None]
+    embed, _ = comfy_host.nodes.NODE_CLASS_MAPPINGS["XMGIEIDEmbedder"]().embed(image, "dlib", -1, 8.0, False)
+    return embed, image
+
+
+def test_face_protection_keeps_the_overlapped_face_the_source(comfy_host, sd15, conds, astronaut_faces):
+    """An edit region over the astronaut's lower face and neck: with id_embed at strength 1 and the latent
+    blended to the end, latent cells inside the face are the source exactly; without it they are edited."""
+    from xmgie_core.identity.faces import face_mask
+
+    embed, _ = astronaut_faces
+    mask = torch.zeros(1, 512, 512)
+    mask[:, 120:300, 100:340] = 1  # 45% of the face: the lower face and the neck
+    face = face_mask(embed.faces[0], 512, 512) > 1 - 1e-5
+    cells = (torch.nn.functional.adaptive_avg_pool2d((face & mask[0].bool()).float()[None], 64)[0] == 1)
+    assert cells.any()
+    latent = source_latent(size=64)
+    protected, _, report = run_full(comfy_host, sd15[0], conds, mask=mask, latent_image=latent, id_embed=embed)
+    plain = run_sampler(comfy_host, sd15[0], conds, mask=mask, latent_image=latent)
+    src = latent["samples"]
+    assert torch.equal(protected["samples"][..., cells], src[..., cells]) and "protected" in report
+    assert not torch.equal(plain[..., cells], src[..., cells])
+
+
+def run_full(comfy_host, model, conds, **change):
+    node = comfy_host.nodes.NODE_CLASS_MAPPINGS["XMGIEPFBSampler"]()
+    return node.sample(model, **pfb_args(conds, **change))
+
+
+class BlurringVAE:
+    """Stands in for a VAE in best-of-N: candidate i decodes to the astronaut blurred by BLURS[i], so the
+    candidates' identity scores have a known order; it records the latents it was given."""
+
+    BLURS = (4.0, 0.0, 1.5)
+
+    def __init__(self, image: torch.Tensor):
+        self.image, self.seen = image, None
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        from PIL import Image, ImageFilter
+
+        self.seen = samples.clone()
+        pil = Image.fromarray((self.image[0].numpy() * 255).round().astype(np.uint8))
+        return torch.stack([torch.from_numpy(np.asarray(pil.filter(ImageFilter.GaussianBlur(b))).astype(np.float32)
+                                             / 255.0) for b in self.BLURS[:samples.shape[0]]])
+
+
+def test_best_of_n_returns_the_candidates_sorted_by_identity(comfy_host, sd15, conds, astronaut_faces):
+    embed, image = astronaut_faces
+    vae = BlurringVAE(image)
+    latent, ips, report = run_full(comfy_host, sd15[0], conds, id_embed=embed, candidates=3, vae=vae,
+                                   mask=box_mask(512))
+    assert latent["samples"].shape[0] == 3 and ips == sorted(ips, reverse=True) and len(set(ips)) == 3
+    assert ips[0] == pytest.approx(1.0, abs=1e-6)  # the unblurred candidate
+    order = [1, 2, 0]  # by blur: none, 1.5, 4
+    assert all(torch.equal(latent["samples"][k], vae.seen[i]) for k, i in enumerate(order))
+    assert report.splitlines()[-3].startswith("candidate 0 (image 1: IPS 1.000")
+    assert not torch.equal(vae.seen[0], vae.seen[1])  # different noise per candidate
+    with pytest.raises(ValueError, match="connect the vae input"):
+        run_full(comfy_host, sd15[0], conds, id_embed=embed, candidates=2, mask=box_mask(512))
+    two = {"samples": torch.randn(2, 4, 16, 16)}
+    with pytest.raises(ValueError, match="the latent batch is 2"):
+        run_full(comfy_host, sd15[0], conds, id_embed=embed, candidates=2, vae=vae, latent_image=two,
+                 mask=box_mask(512))
