@@ -188,7 +188,7 @@ def test_insightface_loads_a_well_placed_pack(tmp_path):
 
 @pytest.mark.parametrize("layout, message", [
     ("missing", "pack 'antelopev2' was not found: no folder .*models/antelopev2. Download it"),
-    ("zip", "is still a zip: .*antelopev2.zip. Extract it; the .onnx files must be directly in"),
+    ("zip", "is still a zip: .*antelopev2.zip. Extract it; the .onnx files belong directly in"),
     ("nested", "nested one level too deep .*antelopev2/antelopev2\\): move its .onnx files up"),
     ("too high", "one level too high: move that folder into"),
     ("no detection", "has no face detection model among glintr100.onnx; the pack is incomplete"),
@@ -226,7 +226,7 @@ def test_identity_nodes(pack):
     assert shown["ui"] == {"text": [report]}
     assert len(values) == 2 and values[0] == pytest.approx(1.0, abs=1e-6) and values[1] > 0.9
     assert "image 1: IPS" in report
-    with pytest.raises(ValueError, match="outside ComfyUI use the dlib backend"):
+    with pytest.raises(ValueError, match="dlib backend"):  # outside ComfyUI, or no pack in its models folder
         embedder.embed(ASTRONAUT, "insightface: antelopev2", -1, 8.0, False)
     with pytest.raises(ValueError, match="Unknown backend"):
         embedder.embed(ASTRONAUT, "facenet", -1, 8.0, False)

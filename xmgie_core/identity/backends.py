@@ -39,7 +39,7 @@ def onnx_role(path: Path) -> str:
 def insightface_folder(root: Path, name: str) -> Path:
     """<root>/models/<name>, checked: it must hold a detection and a recognition ONNX model."""
     folder = root / "models" / name
-    fix = f"the .onnx files must be directly in {folder}"
+    fix = f"the .onnx files belong directly in {folder}"
     if not folder.is_dir():
         for zipped in (root / "models" / f"{name}.zip", root / f"{name}.zip"):
             if zipped.is_file():
@@ -48,8 +48,8 @@ def insightface_folder(root: Path, name: str) -> Path:
             raise XMGIEInputError(f"The insightface pack {name!r} is in {root / name}, one level too high: move that "
                                   f"folder into {root / 'models'}; {fix}.")
         raise XMGIEInputError(f"The insightface pack {name!r} was not found: no folder {folder}. Download it (as "
-                              f"IPAdapter FaceID / InstantID users do) and extract it so that {fix}, or choose the "
-                              "dlib backend.")
+                              f"IPAdapter FaceID / InstantID users do) and extract it ({fix}), or choose the dlib "
+                              "backend.")
     onnx_files = sorted(folder.glob("*.onnx"))
     nested = folder / name
     if not onnx_files and nested.is_dir() and list(nested.glob("*.onnx")):
