@@ -39,6 +39,11 @@ CONCAT_KEYS = ("concat_latent_image", "concat_mask", "concat_image")
 
 def comfy_layout(diffusion_model: torch.nn.Module) -> UNetLayout:
     """The blendable layers of ComfyUI's UNetModel (openaimodel), from where it down- and upsamples."""
+    if not hasattr(diffusion_model, "input_blocks") or not hasattr(diffusion_model, "output_blocks"):
+        raise XMGIEInputError(f"PFB blends U-Net blocks, but this model's diffusion model is a "
+                              f"{type(diffusion_model).__name__} without them (a DiT such as Flux or SD3): use an "
+                              "SD1.x, SD2 or SDXL checkpoint (or their inpainting versions).")
+
     def scale(block: torch.nn.Module, kind: str) -> int:
         return 2 if any(type(m).__name__ == kind for m in block.modules()) else 1
 
