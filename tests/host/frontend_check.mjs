@@ -27,8 +27,12 @@ for (const file of files) {
     const gb = nodes.find((n) => n.type === "XMGIEGBCompositor");
     const before = gb?.title;
     gb?.disconnectInput(gb.inputs.findIndex((i) => i.name === "source"));
+    const cam = nodes.find((n) => n.type === "XMGIECrossAttentionMask");
+    const camBefore = cam?.title;
+    cam?.disconnectOutput(cam.outputs.findIndex((o) => o.name === "positive"));
+    await new Promise((resolve) => setTimeout(resolve, 50));
     return { types: nodes.map((n) => n.type), colours: nodes.filter((n) => n.type.startsWith("XMGIE")).map((n) => n.color),
-             before, after: gb?.title };
+             before, after: gb?.title, camBefore: camBefore ?? null, camAfter: cam?.title ?? null };
   }, graph);
 }
 console.log(JSON.stringify({ errors, workflows }));

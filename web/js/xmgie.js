@@ -1,20 +1,28 @@
-// xMGIE frontend extension: colours the pack's nodes and flags a GB Compositor in
-// composite mode that has no source image connected (it would fail when queued).
+// xMGIE frontend extension: colours the pack's nodes and flags wiring that would fail when queued:
+// a GB Compositor in composite mode without a source image, and a Cross-Attention Mask whose own
+// encoded prompt ('positive') feeds no sampler (the sampler would then never see the masked prompt).
 import { app } from "../../../scripts/app.js";
 
 const COLOR = "#2b3a55";
 const BGCOLOR = "#1d2638";
 
-function needsSource(node) {
-  const mode = node.widgets?.find((w) => w.name === "mode");
-  const source = node.inputs?.find((i) => i.name === "source");
-  return mode?.value === "composite" && source && source.link == null;
-}
+const WARNINGS = {
+  XMGIEGBCompositor(node) {
+    const mode = node.widgets?.find((w) => w.name === "mode");
+    const source = node.inputs?.find((i) => i.name === "source");
+    return mode?.value === "composite" && source && source.link == null ? "connect source" : null;
+  },
+  XMGIECrossAttentionMask(node) {
+    const positive = node.outputs?.find((o) => o.name === "positive");
+    return positive && !(positive.links?.length) ? "connect positive" : null;
+  },
+};
 
-function refreshWarning(node) {
+function refreshWarning(node, check) {
   const base = node.xmgieTitle ?? node.title;
   node.xmgieTitle = base;
-  node.title = needsSource(node) ? `${base} (connect source)` : base;
+  const warning = check(node);
+  node.title = warning ? `${base} (${warning})` : base;
   node.setDirtyCanvas?.(true, true);
 }
 
@@ -22,24 +30,34 @@ app.registerExtension({
   name: "xmgie.nodes",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData.category?.startsWith("xMGIE")) return;
+    const check = WARNINGS[nodeData.name];
     const onCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const r = onCreated?.apply(this, arguments);
       this.color = COLOR;
       this.bgcolor = BGCOLOR;
-      if (nodeData.name === "XMGIEGBCompositor") {
-        const mode = this.widgets?.find((w) => w.name === "mode");
-        const cb = mode?.callback;
-        if (mode) mode.callback = (...args) => { cb?.apply(mode, args); refreshWarning(this); };
-        refreshWarning(this);
+      if (check) {
+        for (const widget of this.widgets ?? []) {
+          const cb = widget.callback;
+          widget.callback = (...args) => { cb?.apply(widget, args); refreshWarning(this, check); };
+        }
+        refreshWarning(this, check);
       }
       return r;
     };
-    if (nodeData.name === "XMGIEGBCompositor") {
+    if (check) {
       const onConn = nodeType.prototype.onConnectionsChange;
       nodeType.prototype.onConnectionsChange = function () {
         const r = onConn?.apply(this, arguments);
-        refreshWarning(this);
+        refreshWarning(this, check);
+        // litegraph clears a disconnected output's link list only after this callback: look again then
+        setTimeout(() => refreshWarning(this, check), 0);
+        return r;
+      };
+      const onConfigure = nodeType.prototype.onConfigure;
+      nodeType.prototype.onConfigure = function () {
+        const r = onConfigure?.apply(this, arguments);
+        refreshWarning(this, check);
         return r;
       };
     }
