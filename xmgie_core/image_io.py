@@ -94,6 +94,14 @@ def check_out_dir(out: Path) -> Path:
     return out
 
 
+def to_rgb8(image: torch.Tensor) -> list[np.ndarray]:
+    """IMAGE [B,H,W,C] in 0..1 -> uint8 RGB arrays [H,W,3] (greyscale repeated, alpha dropped)."""
+    arr = (image.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return [np.ascontiguousarray(a[..., :3]) for a in arr]
+
+
 def save_image(image: torch.Tensor, path: Path) -> Path:
     """Save the first item of an IMAGE [B,H,W,C] or MASK [B,H,W] as an 8-bit PNG."""
     arr = image[0].detach().float().cpu().clamp(0, 1).numpy()

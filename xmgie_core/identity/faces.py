@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import XMGIEInputError
+from ..image_io import to_rgb8
 
 
 @dataclass(frozen=True)
@@ -179,14 +180,6 @@ def ips_report(source: IdEmbed, edited: IdEmbed) -> tuple[list[float], str]:
         lines.append(f"image {b}: IPS {value:.3f} ({'; '.join(parts)}) [{edited.backend}, same person above "
                      f"{threshold:.2f}]")
     return values, "\n".join(lines)
-
-
-def to_rgb8(image: torch.Tensor) -> list[np.ndarray]:
-    """IMAGE [B,H,W,C] in 0..1 -> uint8 RGB arrays (greyscale repeated, alpha dropped)."""
-    arr = (image.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    return [np.ascontiguousarray(a[..., :3]) for a in arr]
 
 
 def embed_images(backend, image: torch.Tensor, face_index: int = -1, pass_through: bool = False) -> IdEmbed:

@@ -16,10 +16,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import XMGIEInputError
+from ..image_io import to_rgb8
 from .plan import EditPlan, clean_instruction
 from .rules import rules_plan
 
@@ -107,9 +107,7 @@ def to_pil(image: torch.Tensor):
     """The first item of an IMAGE [B,H,W,C] in 0..1 as an RGB PIL image."""
     from PIL import Image
 
-    arr = image[0].detach().float().cpu().clamp(0, 1).numpy()
-    arr = np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr[..., :3]
-    return Image.fromarray(np.round(arr * 255).astype(np.uint8))
+    return Image.fromarray(to_rgb8(image[:1])[0])
 
 
 def local_plan(image: torch.Tensor, instruction: str, folder: Path, settings: GenerationSettings,

@@ -200,8 +200,8 @@ class BlendPlan:
         if alpha.shape[0] not in (1, b):
             raise XMGIEInputError(f"The PFB mask has batch {alpha.shape[0]} but the latent batch is {b}; give one "
                                   "mask, or one per latent.")
-        alpha = alpha if alpha.shape[0] == 1 else alpha.repeat(n, 1, 1, 1)
-        return blend_features(h, source.to(h.device, h.dtype).repeat(n, 1, 1, 1), alpha)
+        chunks = h.reshape(n, b, *h.shape[1:])  # broadcast the source over the chunks instead of copying it
+        return blend_features(chunks, source.to(h.device, h.dtype)[None], alpha[None]).reshape(h.shape)
 
 
 def _sigma_end(fraction: float, percent_to_sigma) -> float:
