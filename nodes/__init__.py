@@ -2,8 +2,9 @@
 
 from .cross_attention_mask import XMGIECrossAttentionMask
 from .gb_compositor import XMGIEGBCompositor
-from .identity import XMGIEIdentityScore, XMGIEIDEmbedder, register_insightface_folder
-from .instruction import XMGIEInstruction, register_llm_folder
+from .identity import XMGIEIdentityScore, XMGIEIDEmbedder
+from .instruction import XMGIEInstruction
+from .model_folders import register_model_folders
 from .pfb import XMGIEPFBGuider, XMGIEPFBSampler
 from .samples import install_samples
 
@@ -28,5 +29,4 @@ NODE_DISPLAY_NAME_MAPPINGS = {
 }
 
 install_samples()
-register_llm_folder()
-register_insightface_folder()
+register_model_folders()

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -111,11 +110,3 @@ class XMGIEIdentityScore:
         check_image(edited, "edited image")
         values, report = ips_report(source, embed_images(recognizer_for(source), edited, -1, pass_through=True))
         return {"ui": {"text": [report]}, "result": (values, report)}
-
-
-def register_insightface_folder() -> None:
-    try:
-        import folder_paths
-    except ImportError:
-        return
-    folder_paths.add_model_folder_path("insightface", os.path.join(folder_paths.models_dir, "insightface"))

@@ -3,7 +3,6 @@ background words, edit type (MGIE's expressive instruction; seed 002's t_o and t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -12,39 +11,15 @@ from ..xmgie_core.errors import XMGIEInputError
 from ..xmgie_core.instruction.local import GenerationSettings, local_plan
 from ..xmgie_core.instruction.rules import rules_plan
 from ..xmgie_core.validation import check_image
+from .model_folders import find_model_folder
 
 BACKENDS = ("rules", "local model")
 LLM_FOLDER = "LLM"
 
 
-def register_llm_folder() -> None:
-    """ComfyUI's models/LLM (where caption/LLM node packs keep transformers folders), when inside ComfyUI."""
-    try:
-        import folder_paths
-    except ImportError:
-        return
-    folder_paths.add_model_folder_path(LLM_FOLDER, os.path.join(folder_paths.models_dir, LLM_FOLDER))
-
-
 def llm_folder(name: str) -> Path:
     """A model folder: an absolute path, or a folder name under ComfyUI's models/LLM."""
-    if not name.strip():
-        raise XMGIEInputError("The local model backend needs a model folder: the name of a folder under "
-                              "ComfyUI/models/LLM/ (e.g. Qwen2.5-VL-3B-Instruct) or an absolute path.")
-    path = Path(name.strip()).expanduser()
-    if path.is_absolute():
-        return path
-    try:
-        import folder_paths
-
-        roots = [Path(p) for p in folder_paths.get_folder_paths(LLM_FOLDER)]
-    except (ImportError, KeyError):
-        roots = []
-    for root in roots:
-        if (root / path).is_dir():
-            return root / path
-    looked = ", ".join(str(r) for r in roots) or "no models/LLM folder (not running inside ComfyUI)"
-    raise XMGIEInputError(f"Model folder {name!r} not found; looked in: {looked}. Put the model's folder there.")
+    return find_model_folder(name, (LLM_FOLDER,), "The local model backend", "Qwen2.5-VL-3B-Instruct")
 
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:
