@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..xmgie_core import cam
@@ -11,6 +13,8 @@ from ..xmgie_core.hosts.comfy_cam import (CAMSpec, CrossAttentionMaskPatch, Prom
                                           running_workflows, workflow_texts)
 from ..xmgie_core.tokens import comfy_token_positions
 from ..xmgie_core.validation import check_percent_window, check_range
+
+LOG = logging.getLogger("xmgie")
 
 
 class XMGIECrossAttentionMask:
@@ -71,7 +75,11 @@ class XMGIECrossAttentionMask:
               end_percent: float, background_words: str = "", graph: dict | None = None) -> tuple:
         check_percent_window(start_percent, end_percent)
         check_range(strength, "strength", 0.0, 1.0)
-        region = RegionPyramid(mask, threshold)
+        region = RegionPyramid(mask, threshold, allow_empty=True)
+        if not bool((region.mask >= 0.5).any()):
+            LOG.warning("xMGIE Cross-Attention Mask: the mask is empty, so the edit words act nowhere (with the PFB "
+                        "sampler the image is left unchanged). Paint the region to edit, or check the node that "
+                        "predicted it.")
         if not prompt.strip():
             raise XMGIEInputError("The prompt is empty: type the positive prompt that contains the edit words, "
                                   "e.g. 'a man wearing a red scarf'.")

@@ -113,7 +113,6 @@ CAM_CASES = {
                         "CAM mask contains NaN", "check the node"),
     "4-D mask": ({"mask": torch.ones(1, 1, 8, 8)}, "must be a MASK of shape", r"\[batch, height, width\]"),
     "integer mask": ({"mask": torch.ones(1, 8, 8, dtype=torch.uint8)}, "must be a float MASK", "0..1"),
-    "empty mask": ({"mask": torch.zeros(1, 8, 8)}, "CAM mask is empty", "Paint the region"),
     "words not in prompt": ({"edit_words": "blue hat"}, "'blue hat' .* are not in the prompt",
                             "Use words exactly as they appear"),
     "empty words": ({"edit_words": ""}, "No edit words given", "write the words to localize"),
@@ -139,6 +138,16 @@ def test_cam_node_bad_input(pack, clip_tokenizer, case):
     with pytest.raises(ValueError) as err:
         node.patch(**_cam_args(clip_tokenizer, **change))
     assert re.search(what, str(err.value)) and re.search(fix, str(err.value)), f"{case}: {err.value}"
+
+
+def test_cam_node_empty_mask_warns_and_masks_the_edit_words_everywhere(pack, clip_tokenizer, caplog):
+    """An empty mask (e.g. a Region Predictor that found nothing) is not an error: the edit words act nowhere."""
+    node = pack.NODE_CLASS_MAPPINGS["XMGIECrossAttentionMask"]()
+    with caplog.at_level("WARNING", logger="xmgie"):
+        model, _ = node.patch(**_cam_args(clip_tokenizer, mask=torch.zeros(1, 8, 8)))
+    assert "the mask is empty, so the edit words act nowhere" in caplog.text
+    cam = model.model_options["transformer_options"]["optimized_attention_override"]
+    assert not cam.spec.region.grid(4, 4).any()
 
 
 def test_cam_mask_aspect_and_batch_mismatch_are_reported_at_sampling(pack, clip_tokenizer):
