@@ -1,0 +1,184 @@
+"""Zero-shot region maps on ComfyUI objects (MODEL, CLIP, a VAE-encoded latent): DiffEdit's noise difference and
+the edit words' cross-attention (math in xmgie_core.region.zeroshot).
+
+Each mode runs inside comfy.samplers.CFGGuider.sample with a stand-in sampler (COMFY_HOST 3.2): the guider loads
+the model, merges wrappers and hooks, processes the conditioning (SDXL's size conds included) and moves the latent
+into model space (process_latent_in); the stand-in then runs its U-Net passes with comfy.samplers.calc_cond_batch.
+Latents are noised with the model's model_sampling.noise_scaling, and the noise prediction is recovered from the
+denoised output through the same function, so EPS and v-prediction models give the same eps. The caller's MODEL is
+never patched: the attention mode patches a clone.
+
+ComfyUI is imported inside the functions, so this module imports without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..cam import tiled_positions
+from ..errors import XMGIEInputError
+from ..region.zeroshot import (DEFAULT_STRENGTH_RANGE, AttentionMaps, attend_and_record, check_count, check_latent,
+                               denoising_timesteps, euler_step, noise_difference_map, noise_difference_timesteps,
+                               seeded_noise)
+from ..tokens import comfy_token_positions
+
+Progress = Callable[[int, int], None]
+Run = Callable[[Any, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+class CrossAttentionRecorder:
+    """attn2 replace patch, out = p(q, k, v, extra_options): the stock attention output, and the edit words'
+    probabilities added to `maps` (positions of the prompt, tiled as ComfyUI tiles shorter contexts)."""
+
+    def __init__(self, positions: list[int], prompt_tokens: int, maps: AttentionMaps):
+        self.positions = torch.tensor(positions, dtype=torch.long)
+        self.prompt_tokens, self.maps = prompt_tokens, maps
+
+    def __deepcopy__(self, memo: dict) -> "CrossAttentionRecorder":
+        return self  # clones share the recording
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        positions = tiled_positions(self.positions.to(q.device), self.prompt_tokens, k.shape[1])
+        grid = tuple(int(s) for s in extra_options["activations_shape"][-2:])
+        return attend_and_record(q, k, v, extra_options["n_heads"], positions, grid, self.maps)
+
+
+def attn2_keys(diffusion_model: torch.nn.Module) -> list[tuple[str, int, int]]:
+    """(block name, block number, index inside its SpatialTransformer) of every cross-attention, the keys
+    ModelPatcher.set_model_attn2_replace takes."""
+    if not hasattr(diffusion_model, "input_blocks"):
+        raise XMGIEInputError(f"The attention mode reads U-Net cross-attention, but this model's diffusion model is a "
+                              f"{type(diffusion_model).__name__} (a DiT such as Flux or SD3): use an SD1.x, SD2 or "
+                              "SDXL checkpoint, or the noise-difference or CLIPSeg mode.")
+    keys = []
+    levels = (("input", diffusion_model.input_blocks), ("middle", [diffusion_model.middle_block]),
+              ("output", diffusion_model.output_blocks))
+    for kind, blocks in levels:
+        for number, block in enumerate(blocks):
+            for module in block.modules():
+                if hasattr(module, "transformer_blocks"):
+                    keys.extend((kind, number, i) for i in range(len(module.transformer_blocks)))
+    return keys
+
+
+def encode(clip: Any, text: str) -> list:
+    """CONDITIONING of `text`, as CLIPTextEncode makes it."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def model_eps(model_sampling: Any, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The noise prediction behind a denoised output: x = noise_scaling(sigma, eps, x0) is affine in eps."""
+    zero = torch.zeros_like(x)
+    return (x - model_sampling.noise_scaling(sigma, zero, denoised)) \
+        / model_sampling.noise_scaling(sigma, torch.ones_like(x), zero)
+
+
+def timestep_sigmas(model_sampling: Any, timesteps: list[int]) -> list[float]:
+    """The model's sigmas at training timesteps."""
+    return [float(model_sampling.sigma(torch.tensor(float(t)))) for t in timesteps]
+
+
+class _Procedure:
+    """Stands in for a sampler inside CFGGuider.sample: `run(guider, z, sigmas, model_options)` does the U-Net passes
+    once the guider has prepared the model, the conds (guider.conds) and the latent z in model space."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.result: torch.Tensor | None = None
+
+    def sample(self, guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar):
+        self.result = self.run(guider, latent_image, sigmas, extra_args["model_options"])
+        return latent_image
+
+
+def _run_in_guider(model: Any, conds: dict[str, list], latent: torch.Tensor, sigmas: list[float], seed: int,
+                   run: Run) -> torch.Tensor:
+    import comfy.model_management
+    import comfy.samplers
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.inner_set_conds(conds)
+    procedure = _Procedure(run)
+    guider.sample(torch.zeros_like(latent), latent, procedure, torch.tensor(sigmas), disable_pbar=True, seed=seed)
+    return procedure.result.to(comfy.model_management.intermediate_device())
+
+
+def _unet_pass(guider: Any, keys: list[str], x: torch.Tensor, sigma: torch.Tensor,
+               model_options: dict) -> list[torch.Tensor]:
+    """Denoised outputs for the conds `keys`, one U-Net call (after an interrupt check)."""
+    import comfy.model_management
+    import comfy.samplers
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    timestep = sigma.expand(x.shape[0])
+    return comfy.samplers.calc_cond_batch(guider.inner_model, [guider.conds[k] for k in keys], x, timestep,
+                                          model_options)
+
+
+def _checked_latent(model: Any, latent: torch.Tensor) -> torch.Tensor:
+    return check_latent(latent, model.get_model_object("latent_format").latent_channels)
+
+
+def comfy_noise_difference(model: Any, clip: Any, target_text: str, source_text: str, latent: torch.Tensor,
+                           draws: int, seed: int, strength_range: tuple[float, float] = DEFAULT_STRENGTH_RANGE,
+                           progress: Progress | None = None) -> torch.Tensor:
+    """DiffEdit's noise-difference map [B, h, w] >= 0 (float32, on ComfyUI's intermediate device).
+
+    `latent` is the raw VAE latent [B, C, h, w] (VAE Encode's samples). Each of `draws` seeded noises is added at its
+    own strength (spread over `strength_range`); the target and source predictions share one calc_cond_batch.
+    `progress(done, draws)` is called after each draw.
+    """
+    check_count(draws, "draws", "noise samples averaged into the map")
+    latent = _checked_latent(model, latent)
+    ms = model.get_model_object("model_sampling")
+    sigmas = timestep_sigmas(ms, noise_difference_timesteps(strength_range, draws, len(ms.sigmas)))
+    noise = seeded_noise(seed, tuple(latent.shape), draws)
+
+    def run(guider: Any, z: torch.Tensor, sigmas: torch.Tensor, model_options: dict) -> torch.Tensor:
+        eps_target, eps_source = [], []
+        for d, sigma in enumerate(sigmas):
+            x = ms.noise_scaling(sigma, noise[d].to(z), z)
+            denoised = _unet_pass(guider, ["target", "source"], x, sigma, model_options)
+            eps_target.append(model_eps(ms, x, denoised[0], sigma))
+            eps_source.append(model_eps(ms, x, denoised[1], sigma))
+            if progress is not None:
+                progress(d + 1, draws)
+        return noise_difference_map(torch.stack(eps_target), torch.stack(eps_source))
+
+    conds = {"target": encode(clip, target_text), "source": encode(clip, source_text)}
+    return _run_in_guider(model, conds, latent, sigmas, seed, run)
+
+
+def comfy_edit_attention(model: Any, clip: Any, target_text: str, edit_words: str, latent: torch.Tensor, steps: int,
+                         seed: int, strength: float, progress: Progress | None = None) -> torch.Tensor:
+    """The edit words' cross-attention map [B, h, w] >= 0 (float32, on ComfyUI's intermediate device).
+
+    `latent` is the raw VAE latent [B, C, h, w]. It is noised to the sigma at `strength`, then `steps` Euler steps
+    with `target_text` run down to sigma 0 while an attn2 replace patch on a clone of `model` records, in every
+    cross-attention layer, the probabilities of `edit_words` (comma-separated phrases of `target_text`).
+    `progress(done, steps)` is called after each step.
+    """
+    check_count(steps, "steps", "denoising steps whose attention is averaged")
+    latent = _checked_latent(model, latent)
+    positions, prompt_tokens = comfy_token_positions(clip, target_text, edit_words)
+    ms = model.get_model_object("model_sampling")
+    sigmas = timestep_sigmas(ms, denoising_timesteps(strength, steps, len(ms.sigmas))) + [0.0]
+    noise = seeded_noise(seed, tuple(latent.shape), 1)[0]
+    maps = AttentionMaps(tuple(latent.shape[-2:]), latent.shape[0])
+    patched = model.clone()
+    recorder = CrossAttentionRecorder(positions, prompt_tokens, maps)
+    for key in attn2_keys(patched.model.diffusion_model):
+        patched.set_model_attn2_replace(recorder, *key)
+
+    def run(guider: Any, z: torch.Tensor, sigmas: torch.Tensor, model_options: dict) -> torch.Tensor:
+        x = ms.noise_scaling(sigmas[0], noise.to(z), z)
+        for i in range(steps):
+            denoised = _unet_pass(guider, ["target"], x, sigmas[i], model_options)[0]
+            x = euler_step(x, denoised, sigmas[i], sigmas[i + 1])
+            if progress is not None:
+                progress(i + 1, steps)
+        return maps.mean()
+
+    return _run_in_guider(patched, {"target": encode(clip, target_text)}, latent, sigmas, seed, run)
