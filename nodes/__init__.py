@@ -6,10 +6,12 @@ from .identity import XMGIEIdentityScore, XMGIEIDEmbedder
 from .instruction import XMGIEInstruction
 from .model_folders import register_model_folders
 from .pfb import XMGIEPFBGuider, XMGIEPFBSampler
+from .region_predictor import XMGIERegionPredictor
 from .samples import install_samples
 
 NODE_CLASS_MAPPINGS = {
     "XMGIEInstruction": XMGIEInstruction,
+    "XMGIERegionPredictor": XMGIERegionPredictor,
     "XMGIEGBCompositor": XMGIEGBCompositor,
     "XMGIECrossAttentionMask": XMGIECrossAttentionMask,
     "XMGIEPFBSampler": XMGIEPFBSampler,
@@ -20,6 +22,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "XMGIEInstruction": "XMGIE Instruction",
+    "XMGIERegionPredictor": "XMGIE Region Predictor",
     "XMGIEGBCompositor": "XMGIE GB Compositor",
     "XMGIECrossAttentionMask": "XMGIE Cross-Attention Mask",
     "XMGIEPFBSampler": "XMGIE PFB Sampler",

@@ -17,7 +17,7 @@ def test_every_node_is_mapped_with_a_display_name(pack):
 
 
 @pytest.mark.parametrize("name", ["XMGIEGBCompositor", "XMGIECrossAttentionMask", "XMGIEPFBSampler", "XMGIEPFBGuider",
-                                  "XMGIEInstruction", "XMGIEIDEmbedder", "XMGIEIdentityScore"])
+                                  "XMGIEInstruction", "XMGIEIDEmbedder", "XMGIEIdentityScore", "XMGIERegionPredictor"])
 def test_node_contract(pack, name):
     cls = pack.NODE_CLASS_MAPPINGS[name]
     assert cls.CATEGORY.startswith("xMGIE/")
@@ -141,3 +141,24 @@ def test_cam_node_names_the_mismatched_text_from_the_workflow(pack, clip_tokeniz
     with pytest.raises(ValueError, match=f"'{prompt}' never reaches the sampler: its positive conditioning "
                                          f"\\(77 tokens\\) was encoded from '{other}'"):
         cam.prompt.require_in({"positive": [{"cross_attn": theirs}], "negative": []})
+
+
+def test_model_folders_are_registered_and_found_by_name(pack, tmp_path, monkeypatch):
+    import sys
+
+    registered: dict[str, list[str]] = {}
+    (tmp_path / "extra" / "clipseg-tiny").mkdir(parents=True)
+    fake = types.SimpleNamespace(
+        models_dir=str(tmp_path / "models"),
+        add_model_folder_path=lambda name, path, is_default=False: registered.setdefault(name, []).append(path),
+        get_folder_paths=lambda name: [str(tmp_path / "extra")] if name == "clipseg" else [],
+    )
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    folders = pack.nodes.model_folders
+    folders.register_model_folders()
+    assert registered == {name: [str(tmp_path / "models" / name)] for name in folders.PACK_FOLDERS}
+    assert folders.find_model_folder("clipseg-tiny", ("clipseg",), "CLIPSeg", "x") == tmp_path / "extra" / "clipseg-tiny"
+    with pytest.raises(ValueError, match=rf"'other' not found; looked in: {tmp_path / 'extra'}"):
+        folders.find_model_folder("other", ("clipseg",), "CLIPSeg", "clipseg-rd64-refined")
+    with pytest.raises(ValueError, match="needs a model folder: the name of a folder under ComfyUI/models/clipseg/"):
+        folders.find_model_folder(" ", ("clipseg",), "CLIPSeg", "clipseg-rd64-refined")

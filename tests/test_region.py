@@ -258,3 +258,27 @@ def test_preview_tints_only_the_region():
     out = region_preview(image, mask, mask)
     torch.testing.assert_close(out[0, 3:], torch.full((3, 6, 3), 0.3))
     assert bool((out[0, :3, :, 0] > out[0, :3, :, 1]).all())
+
+
+# ------------------------------------------------------------------------------------------------ model folders
+
+def test_t5_folder_loads_offline_and_encodes_with_a_padding_mask(tmp_path):
+    from fixtures.tiny_region import save_tiny_t5
+    from xmgie_core.region.encoders import load_t5_instruction_encoder
+
+    encoder = load_t5_instruction_encoder(save_tiny_t5(tmp_path / "flan-t5-tiny"))
+    features, mask = encoder(["make the cup red", "remove the sky"])
+    assert features.shape == (2, 5, 32) and mask.tolist() == [[True] * 5, [True] * 4 + [False]]
+    assert not features.requires_grad
+
+
+def test_model_folder_errors_say_what_is_missing(tmp_path):
+    from xmgie_core.region.encoders import load_t5_instruction_encoder
+
+    with pytest.raises(XMGIEInputError, match="FLAN-T5 folder not found: .*models/text_encoders"):
+        load_t5_instruction_encoder(tmp_path / "nothing")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text("{}")
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(XMGIEInputError, match="only pytorch_model.bin, which xMGIE does not load"):
+        load_t5_instruction_encoder(tmp_path / "bin")

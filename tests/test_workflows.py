@@ -23,6 +23,7 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 CORE_NODES = {
     "LoadImage": {"widgets": ["image", "upload"], "required": ["image"], "outputs": ["IMAGE", "MASK"]},
     "SaveImage": {"widgets": ["filename_prefix"], "required": ["images", "filename_prefix"], "outputs": []},
+    "PreviewImage": {"widgets": [], "required": ["images"], "outputs": []},
     "CheckpointLoaderSimple": {"widgets": ["ckpt_name"], "required": ["ckpt_name"],
                                "outputs": ["MODEL", "CLIP", "VAE"]},
     "CLIPTextEncode": {"widgets": ["text"], "required": ["text", "clip"], "outputs": ["CONDITIONING"]},

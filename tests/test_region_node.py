@@ -1,0 +1,83 @@
+"""The XMGIE Region Predictor node without ComfyUI: the clipseg mode end to end on a tiny CLIPSeg folder, the learned
+mode's model lookup, an empty region (a warning, not an error) and the errors a user can cause."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fixtures.tiny_clipseg import save_tiny_clipseg
+
+ARGS = dict(mode="clipseg", instruction="give the man a red scarf", target_description="a man wearing a red scarf",
+            source_description="a man", edit_words="red scarf", threshold=0.5, grow=0, smoothing=0.0, seed=0, draws=2,
+            steps=2, strength=0.5)
+
+
+@pytest.fixture(scope="module")
+def clipseg_dir(tmp_path_factory):
+    return save_tiny_clipseg(tmp_path_factory.mktemp("models") / "clipseg-tiny")
+
+
+@pytest.fixture()
+def node(pack):
+    return pack.NODE_CLASS_MAPPINGS["XMGIERegionPredictor"]()
+
+
+def test_clipseg_mode_gives_mask_soft_map_and_preview(node, clipseg_dir):
+    image = torch.rand(2, 40, 56, 3)
+    out = node.predict(image, **{**ARGS, "threshold": 0.0}, clipseg_folder=str(clipseg_dir))
+    mask, soft, preview = out["result"]
+    assert mask.shape == soft.shape == (2, 40, 56) and preview.shape == (2, 40, 56, 3)
+    assert bool(mask.eq(1).all()) and out["ui"]["xmgie_warning"] == []
+    grown = node.predict(image, **{**ARGS, "threshold": float(soft.median()), "grow": 3},
+                         clipseg_folder=str(clipseg_dir))["result"][0]
+    plain = node.predict(image, **{**ARGS, "threshold": float(soft.median())}, clipseg_folder=str(clipseg_dir))["result"][0]
+    assert bool((grown >= plain).all()) and grown.sum() > plain.sum()
+
+
+def test_empty_region_is_a_warning_with_an_empty_mask(node, clipseg_dir, caplog):
+    with caplog.at_level("WARNING", logger="xmgie"):
+        out = node.predict(torch.rand(1, 32, 32, 3), **{**ARGS, "threshold": 1.0}, clipseg_folder=str(clipseg_dir))
+    mask, _, preview = out["result"]
+    assert not bool(mask.any())
+    assert "region is empty for image(s) [0]" in out["ui"]["xmgie_warning"][0]
+    assert "region is empty" in caplog.text
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"mode": "noise-difference"}, "connect model, clip, vae"),
+    ({"mode": "attention"}, "connect model, clip, vae"),
+    ({"mode": "learned"}, "needs CLIP vision: connect a Load CLIP Vision"),
+    ({"mode": "clipseg", "clipseg_folder": "nowhere"}, "Model folder 'nowhere' not found"),
+    ({"mode": "clipseg", "edit_words": " , "}, "needs at least one phrase"),
+    ({"mode": "sketch"}, "Unknown mode 'sketch'"),
+    ({"threshold": 2.0}, "threshold must be between 0 and 1"),
+])
+def test_user_errors(node, clipseg_dir, change, message):
+    kwargs = {**ARGS, "clipseg_folder": str(clipseg_dir), **change}
+    with pytest.raises(ValueError, match=message):
+        node.predict(torch.rand(1, 32, 32, 3), **kwargs)
+
+
+def test_learned_mode_needs_a_predictor_file(pack):
+    module = pack.nodes.region_predictor
+    with pytest.raises(ValueError, match="put a region predictor .safetensors file in ComfyUI/models/xmgie"):
+        module.learned_models("none", "flan-t5-base", False)
+
+
+@pytest.mark.parametrize("text, expected", [("auto", None), ("", None), ("1, 2", (1, 2)), ("3", (3,))])
+def test_scales_parse(pack, text, expected):
+    assert pack.nodes.region_predictor.parse_scales(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "1,x", "9"])
+def test_bad_scales(pack, text):
+    with pytest.raises(ValueError, match="must be 'auto' or comma-separated integers"):
+        pack.nodes.region_predictor.parse_scales(text)
+
+
+def test_working_size_keeps_aspect_in_multiples_of_64(pack):
+    size = pack.nodes.region_predictor.working_size
+    assert size(3000, 4000) == (384, 512)
+    assert size(512, 512) == (512, 512)
+    assert size(100, 30) == (128, 64)
