@@ -30,8 +30,13 @@ for (const file of files) {
     const cam = nodes.find((n) => n.type === "XMGIECrossAttentionMask");
     const camBefore = cam?.title;
     cam?.disconnectOutput(cam.outputs.findIndex((o) => o.name === "positive"));
+    const region = nodes.find((n) => n.type === "XMGIERegionPredictor");
+    const regionBefore = region?.title;
+    region?.onExecuted?.({ xmgie_warning: ["The predicted region is empty for image(s) [0]"] });
+    const regionWarned = region ? { title: region.title, warning: region.xmgieWarning, bg: region.bgcolor } : null;
+    region?.onExecuted?.({ xmgie_warning: [] });
     await new Promise((resolve) => setTimeout(resolve, 50));
-    return { types: nodes.map((n) => n.type), colours: nodes.filter((n) => n.type.startsWith("XMGIE")).map((n) => n.color),
+    return { regionBefore: regionBefore ?? null, regionWarned, regionCleared: region?.title ?? null, types: nodes.map((n) => n.type), colours: nodes.filter((n) => n.type.startsWith("XMGIE")).map((n) => n.color),
              before, after: gb?.title, camBefore: camBefore ?? null, camAfter: cam?.title ?? null };
   }, graph);
 }

@@ -1,6 +1,7 @@
 """The web extension in ComfyUI's real frontend (headless Chromium): it loads without errors, colours
 xMGIE nodes, flags a composite-mode GB node without a source and a Cross-Attention Mask whose 'positive'
-output feeds nothing, and every bundled UI workflow opens.
+output feeds nothing, shows a node's run warning (the Region Predictor's empty region), and every bundled UI
+workflow opens.
 
 Needs node, npm (playwright-core is installed into a temporary folder) and a Chromium binary
 (CHROMIUM or /usr/bin/chromium, e.g. Debian's `chromium` package); skipped, with the reason, without them.
@@ -50,6 +51,11 @@ def test_extension_and_workflows_in_the_frontend(frontend_runner, comfy_server):
         assert result["colours"] and set(result["colours"]) == {"#2b3a55"}, f"{f.name}: extension did not colour"
         assert not result["before"].endswith("(connect source)")
         assert result["after"] == result["before"] + " (connect source)"
+        if result["regionBefore"] is not None:  # a run that reported an empty region is shown on the node
+            warned = result["regionWarned"]
+            assert warned["title"] == result["regionBefore"] + " (warning: see log)", warned
+            assert "region is empty" in warned["warning"] and warned["bg"] != "#1d2638"
+            assert result["regionCleared"] == result["regionBefore"]
         if result["camBefore"] is not None:  # a CAM whose own prompt no longer reaches a sampler is flagged
             assert not result["camBefore"].endswith("(connect positive)"), f"{f.name}: CAM flagged while wired"
             assert result["camAfter"] == result["camBefore"] + " (connect positive)", f"{f.name}: {result['camAfter']}"

@@ -1,10 +1,13 @@
 // xMGIE frontend extension: colours the pack's nodes and flags wiring that would fail when queued:
 // a GB Compositor in composite mode without a source image, and a Cross-Attention Mask whose own
 // encoded prompt ('positive') feeds no sampler (the sampler would then never see the masked prompt).
+// After a run, a node that reports a warning (`xmgie_warning` in its UI output, e.g. the Region
+// Predictor finding an empty region) shows it in its title and, in full, in its tooltip-like description.
 import { app } from "../../../scripts/app.js";
 
 const COLOR = "#2b3a55";
 const BGCOLOR = "#1d2638";
+const WARN_BGCOLOR = "#5a4010";
 
 const WARNINGS = {
   XMGIEGBCompositor(node) {
@@ -43,6 +46,18 @@ app.registerExtension({
         }
         refreshWarning(this, check);
       }
+      return r;
+    };
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      const r = onExecuted?.apply(this, arguments);
+      const base = this.xmgieRunTitle ?? this.title;
+      this.xmgieRunTitle = base;
+      const warning = message?.xmgie_warning?.[0];
+      this.title = warning ? `${base} (warning: see log)` : base;
+      this.xmgieWarning = warning ?? null;
+      this.bgcolor = warning ? WARN_BGCOLOR : BGCOLOR;
+      this.setDirtyCanvas?.(true, true);
       return r;
     };
     if (check) {
