@@ -1,0 +1,368 @@
+"""Training records for the region predictor (seed 002 §4), and a builder that makes them from captioned images.
+
+A record is one JSON line: {"image": path, "t_o": source description, "t_ins": instruction, "t_e": target
+description, "render": path}. `render` is X_gen, a frozen generator's render of t_e for that image, made once here
+so training never runs the generator. Relative paths resolve against the JSONL file's folder.
+
+  python -m xmgie_core.region.data build --captions captions.csv --out records.jsonl \
+      [--backend rules|local --model-folder F] [--generator SD15 --steps 30 --strength 0.7 --seed 0]
+
+The builder takes t_o from the caption and writes t_ins / t_e with the Instruction node's backends: `rules` turns a
+colour word before an object ('a red car on a street') into 'make the red car blue' and substitutes the rules
+plan's attribute into t_o; `local` keeps that instruction and asks the local VLM (local_plan) for t_e.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import XMGIEInputError
+from ..image_io import load_image, save_image, to_rgb8
+from ..instruction.local import GenerationSettings, local_plan, unload
+from ..instruction.rules import COLOURS, rules_plan
+from .encoders import square_resize
+
+TEXT_FIELDS = ("t_o", "t_ins", "t_e")
+NEW_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+"""Colours the rules backend recolours objects to."""
+NOT_OBJECTS = {"and", "or", "with", "on", "in", "of", "at", "to", "by", "near", "under", "over", "behind", "next",
+               "is", "are", "a", "an", "the", "color", "colour", "colored", "coloured", "light", "dark"}
+BUILD_HINT = ("build renders with `python -m xmgie_core.region.data build --captions ... --out ... --generator "
+              "<SD1.5 folder or .safetensors>`")
+
+
+@dataclass(frozen=True)
+class RegionRecord:
+    image: Path
+    t_o: str
+    t_ins: str
+    t_e: str
+    render: Path | None
+    line: int
+
+
+def resolve(value: str, base: Path) -> Path:
+    """A record's path: absolute as given, relative against `base` (the folder of the file that names it)."""
+    return Path(os.path.normpath(Path(base) / value))
+
+
+def _field_error(source: Path, line: int, field: str, problem: str) -> XMGIEInputError:
+    return XMGIEInputError(f"{source}, line {line}, field {field!r}: {problem}.")
+
+
+def parse_record(data: Any, source: Path, line: int) -> RegionRecord:
+    """One validated record; relative paths resolve against the JSONL's folder; files must exist."""
+    if not isinstance(data, dict):
+        raise XMGIEInputError(f"{source}, line {line}: a record must be a JSON object with the fields image, t_o, "
+                              "t_ins, t_e, render.")
+    for name in TEXT_FIELDS:
+        if not isinstance(data.get(name), str) or not data[name].strip():
+            raise _field_error(source, line, name, "missing or empty; give a non-empty string")
+    paths = {}
+    for name in ("image", "render"):
+        value = data.get(name)
+        if value is None and name == "render":
+            paths[name] = None
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise _field_error(source, line, name, "missing or not a path string; give the image file's path")
+        path = resolve(value, source.parent)
+        if not path.is_file():
+            raise _field_error(source, line, name, f"file not found: {path}")
+        paths[name] = path
+    return RegionRecord(paths["image"], data["t_o"].strip(), data["t_ins"].strip(), data["t_e"].strip(),
+                        paths["render"], line)
+
+
+def read_records(path: Path, need_renders: bool = True) -> list[RegionRecord]:
+    """All records of a JSONL file (blank lines skipped); with `need_renders`, each must have its render."""
+    path = Path(path)
+    if not path.is_file():
+        raise XMGIEInputError(f"Training data not found: {path}. Make it with `python -m xmgie_core.region.data "
+                              "build`.")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for number, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise XMGIEInputError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno}); write "
+                                      "one JSON object per line.") from None
+            records.append(parse_record(data, path, number))
+    if not records:
+        raise XMGIEInputError(f"{path} holds no records; build them with `python -m xmgie_core.region.data build`.")
+    missing = [r.line for r in records if r.render is None]
+    if need_renders and missing:
+        raise XMGIEInputError(f"{path}: {len(missing)} of {len(records)} records have no 'render' (X_gen), e.g. line "
+                              f"{missing[0]}; training needs the generator's render of each t_e: {BUILD_HINT}.")
+    return records
+
+
+def load_pixels(path: Path, size: int) -> torch.Tensor:
+    """An image file as [3, size, size] in 0..1 (the whole view squashed to a square, as the CLIP encoder sees it)."""
+    image = load_image(path)[0].permute(0, 3, 1, 2)
+    return square_resize(image, size)[0]
+
+
+class RegionDataset(Dataset):
+    """Records as training items: image X and render X_gen [3, S, S] at the image encoder's size, and the texts."""
+
+    def __init__(self, records: list[RegionRecord], size: int):
+        self.records, self.size = records, size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        r = self.records[index]
+        if r.render is None:
+            raise XMGIEInputError(f"Record at line {r.line} ({r.image}) has no render; {BUILD_HINT}.")
+        return {"image": load_pixels(r.image, self.size), "render": load_pixels(r.render, self.size),
+                "t_o": r.t_o, "t_ins": r.t_ins, "t_e": r.t_e}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack pixels, list texts."""
+    return {k: torch.stack([i[k] for i in items]) if isinstance(items[0][k], torch.Tensor) else [i[k] for i in items]
+            for k in items[0]}
+
+
+# --- the builder --------------------------------------------------------------------------------------------------
+
+def read_captions(path: Path) -> list[tuple[Path, str, int]]:
+    """(image path, caption, line) from a JSONL of {"image", "caption"} or a CSV with columns image,caption."""
+    path = Path(path)
+    if not path.is_file():
+        raise XMGIEInputError(f"Captions file not found: {path}. Give a .jsonl of {{\"image\": ..., \"caption\": ...}} "
+                              "lines or a .csv with columns image,caption.")
+    with path.open(encoding="utf-8", newline="") as f:
+        if path.suffix.lower() == ".csv":
+            reader = csv.DictReader(f)
+            if not {"image", "caption"} <= set(reader.fieldnames or ()):
+                raise XMGIEInputError(f"{path} must have a header row with the columns image,caption (found "
+                                      f"{reader.fieldnames}).")
+            rows = [(row, reader.line_num) for row in reader]
+        else:
+            rows = []
+            for number, text in enumerate(f, 1):
+                if text.strip():
+                    try:
+                        rows.append((json.loads(text), number))
+                    except json.JSONDecodeError as e:
+                        raise XMGIEInputError(f"{path}, line {number}: not valid JSON ({e.msg}); write one "
+                                              "{\"image\": ..., \"caption\": ...} object per line.") from None
+    out = []
+    for row, number in rows:
+        if not isinstance(row, dict):
+            raise XMGIEInputError(f"{path}, line {number}: expected an object with image and caption.")
+        for name in ("image", "caption"):
+            if not isinstance(row.get(name), str) or not row[name].strip():
+                raise _field_error(path, number, name, "missing or empty")
+        image = resolve(row["image"], path.parent)
+        if not image.is_file():
+            raise _field_error(path, number, "image", f"file not found: {image}")
+        out.append((image, " ".join(row["caption"].split()), number))
+    if not out:
+        raise XMGIEInputError(f"{path} holds no captions.")
+    return out
+
+
+def coloured_object(caption: str) -> tuple[str, str, str] | None:
+    """The first 'colour object' of a caption as (span, colour, object): 'a red car on ...' -> ('red car', 'red',
+    'car'); None if there is none."""
+    for m in re.finditer(r"\b([A-Za-z]+)(?=(\s+)([A-Za-z]+)\b)", caption):
+        colour, thing = m.group(1).lower(), m.group(3)
+        if colour in COLOURS and thing.lower() not in COLOURS | NOT_OBJECTS:
+            return m.group(1) + m.group(2) + thing, colour, thing
+    return None
+
+
+def rules_edit(caption: str, seed: int = 0) -> tuple[str, str] | None:
+    """(t_ins, t_e) for a caption, or None when it names no coloured object (or every colour). The new colour is a
+    stable hash of (caption, seed) over NEW_COLOURS minus those in the caption; t_e substitutes the rules plan's
+    attribute."""
+    found = coloured_object(caption)
+    if found is None:
+        return None
+    span, colour, thing = found
+    present = set(re.findall(r"[a-z]+", caption.lower()))
+    choices = [c for c in NEW_COLOURS if c not in present]
+    if not choices:
+        return None
+    digest = int(hashlib.sha1(f"{seed}|{caption}".encode()).hexdigest(), 16)
+    instruction = f"make the {colour} {thing.lower()} {choices[digest % len(choices)]}"
+    attribute = rules_plan(instruction).edit_words[0].split()[0]  # the new colour as the Instruction node reads it
+    start = caption.index(span)
+    return instruction, caption[:start] + f"{attribute} {thing}" + caption[start + len(span):]
+
+
+def load_generator(path: Path, config: Path | None, device: str, dtype: torch.dtype):
+    """A StableDiffusionImg2ImgPipeline from a local diffusers folder, or a single .safetensors checkpoint plus a
+    local diffusers config folder (`config`); offline, safetensors only, no safety checker."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    path = Path(path)
+    options = dict(local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise XMGIEInputError(f"--generator {path} has no model_index.json: give a diffusers-format SD1.5 folder "
+                                  "or a single .safetensors checkpoint.")
+        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(path), use_safetensors=True, **options)
+    elif path.is_file() and path.suffix == ".safetensors":
+        if config is None or not (Path(config) / "model_index.json").is_file():
+            raise XMGIEInputError(f"--generator {path.name} is a single-file checkpoint; diffusers also needs the "
+                                  "SD1.5 configs and tokenizer to build it offline: pass --generator-config with a "
+                                  "local diffusers SD1.5 folder (its *.json and tokenizer files; weights not needed).")
+        pipe = StableDiffusionImg2ImgPipeline.from_single_file(str(path), config=str(config), **options)
+    else:
+        raise XMGIEInputError(f"--generator {path} not found (or not a .safetensors file): give a diffusers SD1.5 "
+                              "folder or a .safetensors checkpoint (e.g. from ComfyUI/models/checkpoints/).")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def render(pipe: Any, image: torch.Tensor, prompt: str, size: int, steps: int, strength: float, guidance: float,
+           seed: int) -> torch.Tensor:
+    """X_gen: img2img of IMAGE [1, H, W, 3] (squashed to size x size) towards `prompt` -> [1, size, size, 3]."""
+    from PIL import Image
+
+    pixels = square_resize(image.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    out = pipe(prompt=prompt, image=Image.fromarray(to_rgb8(pixels)[0]), strength=strength,
+               num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np").images
+    return torch.from_numpy(out[:1]).float()
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    backend: str = "rules"
+    model_folder: Path | None = None
+    generator: Path | None = None
+    generator_config: Path | None = None
+    steps: int = 30
+    strength: float = 0.7
+    guidance: float = 7.5
+    size: int = 512
+    seed: int = 0
+    device: str = "cpu"
+
+
+def check_build_settings(s: BuildSettings) -> None:
+    if s.backend not in ("rules", "local"):
+        raise XMGIEInputError(f"--backend {s.backend!r}: choose rules or local.")
+    if s.backend == "local" and s.model_folder is None:
+        raise XMGIEInputError("--backend local needs --model-folder: a transformers VLM folder (e.g. "
+                              "ComfyUI/models/LLM/Qwen2.5-VL-3B-Instruct).")
+    if s.generator is not None and (s.steps < 1 or not 0 < s.strength <= 1 or s.size % 8 or s.size < 8):
+        raise XMGIEInputError(f"Generator settings --steps {s.steps} --strength {s.strength} --size {s.size}: steps "
+                              "must be >= 1, strength in (0, 1], size a positive multiple of 8.")
+
+
+def edits(captions: list[tuple[Path, str, int]], s: BuildSettings) -> Iterator[tuple[Path, str, str, str, str]]:
+    """(image, t_o, t_ins, t_e, how) per usable caption; how = the backend that wrote t_e."""
+    try:
+        for image, caption, _ in captions:
+            made = rules_edit(caption, s.seed)
+            if made is None:
+                continue
+            t_ins, t_e = made
+            how = "rules"
+            if s.backend == "local":
+                plan = local_plan(load_image(image)[0], t_ins, Path(s.model_folder), GenerationSettings(seed=s.seed),
+                                  keep_loaded=True, device=s.device)
+                if not plan.backend.startswith("rules"):
+                    t_e, how = plan.target_description, "local"
+            yield image, caption, t_ins, t_e, how
+    finally:
+        if s.backend == "local":
+            unload(Path(s.model_folder))
+
+
+def build_records(captions_path: Path, out: Path, s: BuildSettings) -> dict[str, int]:
+    """Write the records JSONL (and renders under <out stem>_renders/); returns counts for the summary."""
+    from tqdm import tqdm
+
+    check_build_settings(s)
+    captions = read_captions(captions_path)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    renders = out.parent / f"{out.stem}_renders"
+    pipe = None
+    if s.generator is not None:
+        dtype = torch.float16 if str(s.device).startswith("cuda") else torch.float32
+        pipe = load_generator(s.generator, s.generator_config, s.device, dtype)
+    counts = {"captions": len(captions), "records": 0, "local": 0, "rules": 0}
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for index, (image, t_o, t_ins, t_e, how) in enumerate(tqdm(edits(captions, s), total=len(captions),
+                                                                   desc="records")):
+            record = {"image": os.path.relpath(image, out.parent), "t_o": t_o, "t_ins": t_ins, "t_e": t_e}
+            if pipe is not None:
+                x_gen = render(pipe, load_image(image)[0], t_e, s.size, s.steps, s.strength, s.guidance,
+                               s.seed + index)
+                path = save_image(x_gen, renders / f"{index:06d}_{image.stem}.png")
+                record["render"] = os.path.relpath(path, out.parent)
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            counts["records"] += 1
+            counts[how] += 1
+    if not counts["records"]:
+        tmp.unlink()
+        raise XMGIEInputError(f"None of the {len(captions)} captions in {captions_path} names a coloured object ('a "
+                              "red car ...'), which the instruction templates need; add such captions.")
+    tmp.replace(out)
+    return counts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m xmgie_core.region.data",
+                                description="Region predictor training data (seed 002 §4).")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="records (t_o, t_ins, t_e, X_gen) from captioned images",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--captions", type=Path, required=True, help=".jsonl of {image, caption} or .csv image,caption")
+    b.add_argument("--out", type=Path, required=True, help="records .jsonl to write (renders go beside it)")
+    b.add_argument("--backend", choices=("rules", "local"), default="rules", help="who writes t_e")
+    b.add_argument("--model-folder", type=Path, help="local VLM folder for --backend local")
+    b.add_argument("--generator", type=Path, help="SD1.5: diffusers folder or single .safetensors checkpoint")
+    b.add_argument("--generator-config", type=Path, help="diffusers SD1.5 config folder, for a single-file --generator")
+    b.add_argument("--steps", type=int, default=30, help="img2img denoising steps")
+    b.add_argument("--strength", type=float, default=0.7, help="img2img strength (0, 1]")
+    b.add_argument("--guidance-scale", type=float, default=7.5, help="img2img classifier-free guidance")
+    b.add_argument("--size", type=int, default=512, help="render size in pixels (square, multiple of 8)")
+    b.add_argument("--seed", type=int, default=0, help="seeds the new colours and the renders (seed + record index)")
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for the VLM and generator")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = BuildSettings(args.backend, args.model_folder, args.generator, args.generator_config, args.steps,
+                             args.strength, args.guidance_scale, args.size, args.seed, args.device)
+    try:
+        counts = build_records(args.captions, args.out, settings)
+    except XMGIEInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    skipped = counts["captions"] - counts["records"]
+    print(f"wrote {args.out}: {counts['records']} records ({counts['local']} t_e by the local model, "
+          f"{counts['rules']} by rules), {skipped} captions skipped (no coloured object)"
+          + ("" if args.generator else f"; no renders: {BUILD_HINT} before training"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""Training of the region predictor (seed 002 §3.3 and §4): eqs 1-3 trained with eqs 4-11 (see losses.py).
+
+One step, per batch of records (X, X_gen, t_o, t_ins, t_e):
+  without grad   E_v(X) and F_img (CLIP vision on X), T_o and T_e (CLIP text), F_ins (FLAN-T5 on t_ins)
+  trained        P_region, F_Editedimg = predictor(F_img, F_ins);  L_semAlign with f_sem (eqs 4-6)
+  generator step X_res = (1 - M~) X + M~ X_gen  (X_gen cached by the data builder, so no generator runs here)
+  with grad      E_v(X_res) and its patches: one CLIP vision forward + backward to X_res -> P_region;
+                 L_CLIP (eqs 7-10), L = α L_semAlign + β L_CLIP (eq 11)
+CLIP, T5 and the generator stay frozen; AdamW trains the predictor and f_sem.
+
+  python -m xmgie_core.region.train --data records.jsonl --clip CLIP_FOLDER --t5 FLAN_T5_FOLDER --out runs/r1
+  torchrun --nproc_per_node 4 -m xmgie_core.region.train ...      (DDP; only rank 0 writes)
+
+<out> receives log.jsonl (every loss term per step), checkpoint.safetensors (predictor, f_sem, AdamW state, step,
+RNG state and data position; `--resume` continues bit-identically) and region_predictor.safetensors (the inference
+file, predictor.save_predictor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..errors import XMGIEInputError
+from ..image_io import check_out_dir
+from .data import RegionDataset, collate, read_records
+from .encoders import ImageEncoder, InstructionEncoder, TextEncoder, load_clip_encoders, load_t5_instruction_encoder
+from .losses import (LossWeights, SemanticProjection, clip_directional_loss, clip_global_loss, clip_loss,
+                     clip_structure_loss, composite, sem_edited_loss, sem_original_loss, soft_region, total_loss)
+from .predictor import RegionConfig, RegionOutput, RegionPredictor, save_predictor
+
+CHECKPOINT = "checkpoint.safetensors"
+PREDICTOR = "region_predictor.safetensors"
+LOG = "log.jsonl"
+CHECKPOINT_FORMAT = "xmgie-region-train-checkpoint-1"
+TERMS = ("loss", "sem_align", "sem_edited", "sem_original", "clip", "clip_g", "clip_d", "clip_s", "region_mean")
+SHORT = {"loss": "L", "sem_align": "sem", "clip_g": "g", "clip_d": "d", "clip_s": "s", "region_mean": "P"}
+"""Progress-bar names of the running terms."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 20000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    seed: int = 0
+    save_every: int = 500
+    weights: LossWeights = LossWeights()
+    heads: int = 8
+    threshold: float = 0.5
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [f"--{k.replace('_', '-')} {v}" for k, v in (("steps", self.steps), ("batch_size", self.batch_size),
+                                                          ("save_every", self.save_every), ("heads", self.heads))
+               if v < 1]
+        bad += [f"--lr {self.lr}"] if not self.lr > 0 else []
+        bad += [f"--weight-decay {self.weight_decay}"] if not self.weight_decay >= 0 else []
+        bad += [f"--workers {self.workers}"] if self.workers < 0 else []
+        bad += [f"--threshold {self.threshold}"] if not 0 < self.threshold < 1 else []
+        if bad:
+            raise XMGIEInputError(f"Invalid training settings: {', '.join(bad)}. Steps, batch size, save-every and "
+                                  "heads must be >= 1, the learning rate > 0, weight decay and workers >= 0, the "
+                                  "threshold in (0, 1).")
+
+    def signature(self) -> dict[str, Any]:
+        """What a resumed run must share with the run it continues (steps, save_every, workers may change)."""
+        data = asdict(self)
+        for key in ("steps", "save_every", "workers"):
+            data.pop(key)
+        return data
+
+
+@dataclass(frozen=True)
+class Encoders:
+    """The frozen encoders (protocols of encoders.py) and the names written into the predictor's config."""
+
+    image: ImageEncoder
+    text: TextEncoder
+    instruction: InstructionEncoder
+    image_name: str = "openai/clip-vit-large-patch14"
+    instruction_name: str = "google/flan-t5-base"
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training is: steps done, and the next batch (epoch, batch index within the epoch)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+    def advanced(self, batches_per_epoch: int) -> "Position":
+        wrap = self.batch + 1 == batches_per_epoch
+        return Position(self.step + 1, self.epoch + wrap, 0 if wrap else self.batch + 1)
+
+
+class RegionTrainable(nn.Module):
+    """The trained pair, predictor (eqs 1-3) and f_sem, with eqs 4-5 in one forward (so DDP wraps one module)."""
+
+    def __init__(self, config: RegionConfig, joint_dim: int):
+        super().__init__()
+        self.predictor = RegionPredictor(config)
+        self.f_sem = SemanticProjection(config.dim, joint_dim)
+
+    def forward(self, f_img: torch.Tensor, f_ins: torch.Tensor, ins_mask: torch.Tensor, t_o: torch.Tensor,
+                t_e: torch.Tensor) -> tuple[RegionOutput, torch.Tensor, torch.Tensor]:
+        out = self.predictor(f_img, f_ins, ins_mask)
+        return (out, sem_edited_loss(self.f_sem, out.probability, out.edited, f_img, t_e),
+                sem_original_loss(self.f_sem, f_img, t_o))
+
+
+def step_terms(model: nn.Module, encoders: Encoders, batch: dict[str, Any], w: LossWeights,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """Every term of eqs 4-11 for one batch (batch means); `loss` is eq 11, differentiable w.r.t. the model."""
+    image, render = batch["image"].to(device), batch["render"].to(device)
+    with torch.no_grad():
+        e_src, f_img = (t.float() for t in encoders.image(image))
+        t_o, t_e = encoders.text(batch["t_o"] + batch["t_e"]).float().chunk(2)
+        f_ins, ins_mask = encoders.instruction(batch["t_ins"])
+    out, sem_edited, sem_original = model(f_img, f_ins.float(), ins_mask, t_o, t_e)
+    x_res = composite(image, render, soft_region(out.probability, image.shape[-2:]))
+    e_res, f_res = (t.float() for t in encoders.image(x_res))
+    g, d = clip_global_loss(e_res, t_e), clip_directional_loss(e_res, e_src, t_e, t_o)
+    s = clip_structure_loss(f_res, f_img)
+    sem_align, clip = sem_edited + sem_original, clip_loss(g, d, s, w)
+    terms = {"loss": total_loss(sem_align, clip, w), "sem_align": sem_align, "sem_edited": sem_edited,
+             "sem_original": sem_original, "clip": clip, "clip_g": g, "clip_d": d, "clip_s": s,
+             "region_mean": out.probability.detach().mean(dim=1)}
+    return {k: v.mean() for k, v in terms.items()}
+
+
+def region_config(dataset: RegionDataset, encoders: Encoders, s: TrainSettings, device: torch.device
+                  ) -> tuple[RegionConfig, int]:
+    """The predictor's config and CLIP's joint dim, read off the encoders' outputs on the first record."""
+    item = collate([dataset[0]])
+    with torch.no_grad():
+        e_src, f_img = encoders.image(item["image"].to(device))
+        text = encoders.text(item["t_o"])
+        f_ins, _ = encoders.instruction(item["t_ins"])
+    n, dim = f_img.shape[1:]
+    grid = int(round(n ** 0.5))
+    size = encoders.image.size
+    if f_ins.shape[-1] != dim:
+        raise XMGIEInputError(f"The image encoder's patch features are {dim}-d but the instruction encoder's are "
+                              f"{f_ins.shape[-1]}-d; the predictor needs both the same (CLIP ViT-L/14 and "
+                              "FLAN-T5-base are both 768-d).")
+    if e_src.shape[-1] != text.shape[-1]:
+        raise XMGIEInputError(f"CLIP's image embedding is {e_src.shape[-1]}-d but its text embedding is "
+                              f"{text.shape[-1]}-d; give the vision and text towers of the same CLIP.")
+    if grid * grid != n or size % grid:
+        raise XMGIEInputError(f"The image encoder returned {n} patches for a {size}x{size} view, not a square grid "
+                              "that divides the view; use a ViT CLIP vision tower.")
+    config = RegionConfig(dim=dim, heads=s.heads, mlp_hidden=dim, threshold=s.threshold,
+                          image_encoder=encoders.image_name, instruction_encoder=encoders.instruction_name,
+                          image_size=size, patch_size=size // grid)
+    return config, int(text.shape[-1])
+
+
+def data_digest(dataset: RegionDataset) -> str:
+    """Identifies the training records (texts and file names), so a resume on other data is refused."""
+    h = hashlib.sha1()
+    for r in dataset.records:
+        h.update(json.dumps([r.image.name, r.render.name if r.render else None, r.t_o, r.t_ins, r.t_e]).encode())
+    return f"{len(dataset.records)}:{h.hexdigest()}"
+
+
+def save_checkpoint(path: Path, model: RegionTrainable, optimizer: torch.optim.Optimizer, position: Position,
+                    run: dict[str, Any]) -> None:
+    """predictor + f_sem + AdamW state + RNG state as tensors; step, data position and the run in the header."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = optimizer.state_dict()
+    for index, values in state["state"].items():
+        tensors.update({f"optimizer.{index}.{k}": v.detach().cpu().contiguous() for k, v in values.items()})
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    meta = {"format": CHECKPOINT_FORMAT, "position": json.dumps(asdict(position)), "run": json.dumps(run),
+            "param_groups": json.dumps(state["param_groups"])}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, model: RegionTrainable, optimizer: torch.optim.Optimizer, run: dict[str, Any]
+                    ) -> Position:
+    """Restore what save_checkpoint wrote into `model` and `optimizer` (and the RNG); the run must match."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for a bad file
+        raise XMGIEInputError(f"{path} is not a readable checkpoint ({exc}); resume from another one or start a "
+                              "new --out.") from exc
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise XMGIEInputError(f"{path} is not an xMGIE region training checkpoint; give the {CHECKPOINT} of a run.")
+    saved = json.loads(meta["run"])
+    differ = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
+    if differ:
+        raise XMGIEInputError(f"{path} belongs to a run with other settings or data ({', '.join(differ)}: "
+                              f"{[saved.get(k) for k in differ]} there, {[run.get(k) for k in differ]} now); resume "
+                              "with the same data and settings (only --steps, --save-every, --workers may change), "
+                              "or start a new --out.")
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                                           key=lambda k: int(k.rsplit(".", 1)[1]))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    return Position(**json.loads(meta["position"]))
+
+
+def checkpoint_to_resume(out: Path, resume: bool | Path) -> Path | None:
+    """The checkpoint to continue from (`resume` True: <out>/checkpoint.safetensors), or None for a fresh run; a
+    fresh run into a folder that already holds one is refused rather than overwritten."""
+    existing = Path(out) / CHECKPOINT
+    if resume is False:
+        if existing.exists():
+            raise XMGIEInputError(f"{out} already holds a training run ({CHECKPOINT}); pass --resume to continue it "
+                                  "or choose another --out.")
+        return None
+    path = existing if resume is True else Path(resume)
+    if not path.is_file():
+        raise XMGIEInputError(f"No checkpoint to resume from at {path}; train without --resume first (it writes "
+                              f"{CHECKPOINT} every --save-every steps).")
+    return path
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); one process unless torchrun set up a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def mean_over_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of `values` over the DDP processes (for the log)."""
+    if world > 1:
+        dist.all_reduce(values)
+        values = values / world
+    return values
+
+
+def logged_step(line: str) -> int | None:
+    """The step of a log line; None for a line cut short (by a crash while writing it)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def keep_log_until(path: Path, step: int) -> None:
+    """Keep the log lines of steps 1..`step` only: what a resume continues from (or nothing for a fresh run)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if (n := logged_step(line)) is not None and n <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(dataset: RegionDataset, encoders: Encoders, out: Path, settings: TrainSettings,
+          resume: bool | Path = False, device: torch.device | str = "cpu") -> Path:
+    """Train and write <out>/region_predictor.safetensors (returned), log.jsonl and checkpoint.safetensors.
+
+    Seeded; under torchrun (a process group initialised) it shards the data with DistributedSampler, DDP-wraps the
+    trained modules and only rank 0 writes. `resume`: True for <out>/checkpoint.safetensors, or a checkpoint path."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    out = check_out_dir(Path(out))
+    rank, world = distributed()
+    start = checkpoint_to_resume(out, resume)
+    config, joint_dim = region_config(dataset, encoders, settings, device)
+    run = {**settings.signature(), "config": config.to_json(), "joint_dim": joint_dim, "world_size": world,
+           "data": data_digest(dataset)}
+
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed,
+                                 drop_last=True)
+    per_epoch = len(sampler) // settings.batch_size
+    if per_epoch < 1:
+        raise XMGIEInputError(f"{len(dataset)} records are too few for --batch-size {settings.batch_size} on {world} "
+                              f"process(es); give at least {settings.batch_size * world} records or a smaller batch.")
+
+    torch.manual_seed(settings.seed)
+    model = RegionTrainable(config, joint_dim).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    position = load_checkpoint(start, model, optimizer, run) if start else Position()
+    trained = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    writer = rank == 0
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        keep_log_until(out / LOG, position.step)
+    bar = tqdm(total=settings.steps, initial=position.step, desc="region predictor", disable=not writer)
+    running: dict[str, float] = {}
+    model.train()
+    while position.step < settings.steps:
+        sampler.set_epoch(position.epoch)
+        order = list(sampler)
+        todo = [order[i * settings.batch_size:(i + 1) * settings.batch_size] for i in range(position.batch, per_epoch)]
+        loader = DataLoader(dataset, batch_sampler=todo[:settings.steps - position.step], collate_fn=collate,
+                            num_workers=settings.workers, generator=torch.Generator().manual_seed(position.step))
+        for batch in loader:
+            began = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            terms = step_terms(trained, encoders, batch, settings.weights, device)
+            terms["loss"].backward()
+            optimizer.step()
+            values = mean_over_ranks(torch.stack([terms[k].detach() for k in TERMS]), world).tolist()
+            position = position.advanced(per_epoch)
+            if not writer:
+                continue
+            record = {"step": position.step, "epoch": position.epoch, **dict(zip(TERMS, values)),
+                      "seconds": time.perf_counter() - began}
+            with (out / LOG).open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in zip(TERMS, values)}
+            bar.set_postfix({SHORT[k]: f"{running[k]:.3f}" for k in SHORT}, refresh=False)
+            bar.update()
+            if position.step % settings.save_every == 0 or position.step == settings.steps:
+                save_checkpoint(out / CHECKPOINT, model, optimizer, position, run)
+    bar.close()
+    path = out / PREDICTOR
+    if writer:
+        meta = {"steps": str(position.step), "loss_weights": json.dumps(asdict(settings.weights)),
+                "data": run["data"]}
+        save_predictor(model.predictor, path, meta)
+    return path
+
+
+def setup_distributed(device: str | None) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1): init the process group (NCCL on GPUs, else Gloo) and pick this rank's GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if world > 1 and cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device(device or ("cuda" if cuda else "cpu"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainSettings()
+    w = LossWeights()
+    p = argparse.ArgumentParser(prog="python -m xmgie_core.region.train",
+                                description="Train the xMGIE region predictor (seed 002 eqs 1-11).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="records .jsonl with renders (region.data build)")
+    p.add_argument("--clip", type=Path, required=True, help="transformers CLIP folder (e.g. clip-vit-large-patch14)")
+    p.add_argument("--t5", type=Path, required=True, help="transformers FLAN-T5 folder (e.g. flan-t5-base)")
+    p.add_argument("--out", type=Path, required=True, help="run folder: log, checkpoint, region_predictor.safetensors")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in all (a resume may raise it)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    p.add_argument("--seed", type=int, default=d.seed, help="initialisation and data order")
+    p.add_argument("--alpha", type=float, default=w.alpha, help="weight of L_semAlign (eq 11)")
+    p.add_argument("--beta", type=float, default=w.beta, help="weight of L_CLIP (eq 11)")
+    p.add_argument("--lambda-g", type=float, default=w.lambda_g, help="weight of L_CLIPg (eq 10)")
+    p.add_argument("--lambda-d", type=float, default=w.lambda_d, help="weight of L_CLIPd (eq 10)")
+    p.add_argument("--lambda-s", type=float, default=w.lambda_s, help="weight of L_CLIPs (eq 10)")
+    p.add_argument("--heads", type=int, default=d.heads, help="attention heads of the predictor")
+    p.add_argument("--threshold", type=float, default=d.threshold, help="M_region = [P_region >= threshold]")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=Path, metavar="CHECKPOINT",
+                   help=f"continue the run in --out (or from CHECKPOINT); default checkpoint: <out>/{CHECKPOINT}")
+    p.add_argument("--workers", type=int, default=d.workers, help="data loader worker processes")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (torchrun: this rank's GPU)")
+    p.add_argument("--encoder-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype of the frozen CLIP and T5 (the predictor trains in float32)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        weights = LossWeights(args.alpha, args.beta, args.lambda_g, args.lambda_d, args.lambda_s)
+        settings = TrainSettings(args.steps, args.batch_size, args.lr, args.weight_decay, args.seed, args.save_every,
+                                 weights, args.heads, args.threshold, args.workers)
+        checkpoint_to_resume(check_out_dir(args.out), args.resume)
+        records = read_records(args.data)
+        device = setup_distributed(args.device)
+        dtype = getattr(torch, args.encoder_dtype)
+        image, text = load_clip_encoders(args.clip, device, dtype)
+        instruction = load_t5_instruction_encoder(args.t5, device, dtype)
+        encoders = Encoders(image, text, instruction, args.clip.name, args.t5.name)
+        path = train(RegionDataset(records, image.size), encoders, args.out, settings, args.resume, device)
+        if distributed()[0] == 0:
+            print(f"wrote {path}")
+    except XMGIEInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
