@@ -40,6 +40,9 @@ WHOLE = r"(?:it|this|everything|the (?:image|picture|photo|photograph|scene|pain
 PLURAL_END = re.compile(r"(?<!s)s$|(?:ies|es)$")
 
 
+SHADES = ("light", "dark", "bright", "pale", "deep")
+
+
 def bare(phrase: str) -> str:
     """Without a leading determiner, a trailing 'in the image', or quotes around the whole: 'the red car' -> 'red car'."""
     phrase = re.sub(SCENE, "", phrase.strip(), flags=re.I)
@@ -118,15 +121,27 @@ def _attribute(instruction: str, x: str, attr: str) -> EditPlan:
         target, edit = f"a photo of the {thing} {state}", f"{thing} {state}"
     else:
         attr = "gray" if attr == "grey" else attr
-        target, edit = f"a photo of the {attr} {thing}", f"{attr} {thing}"
+        kept = _without_old(thing, attr)
+        target, edit = f"a photo of the {attr} {kept}", f"{attr} {kept}"
     return _plan(instruction, f"Make the {thing} {VERB_STATES.get(attr, attr)}, keeping its shape and the rest of the "
                  "image unchanged.", f"a photo of the {thing}", target, [edit], [], "attribute")
+
+
+def _without_old(thing: str, attr: str) -> str:
+    """The thing without the attribute the edit replaces: a 'red car' made blue is a 'blue car', not a 'blue red
+    car'. Modifiers before the noun of the same kind (colours, with their light/dark shades, for a colour; materials
+    for a material) give way; the noun and other modifiers stay."""
+    kind = COLOURS if attr.split()[-1] in COLOURS else MATERIALS if attr in MATERIALS else set()
+    *modifiers, noun = thing.split()
+    kept = [w for i, w in enumerate(modifiers) if w.lower() not in kind and not (
+        w.lower() in SHADES and i + 1 < len(modifiers) and modifiers[i + 1].lower() in kind)]
+    return " ".join([*kept, noun])
 
 
 def _is_attribute(phrase: str) -> bool:
     words = bare(phrase).lower()
     return words in COLOURS | MATERIALS | ADJECTIVES or words in VERB_STATES or \
-        bool(re.fullmatch(r"(?:light|dark|bright|pale|deep)\s+\w+", words) and words.split()[1] in COLOURS)
+        bool(re.fullmatch(rf"(?:{'|'.join(SHADES)})\s+\w+", words) and words.split()[1] in COLOURS)
 
 
 def _wearing(instruction: str, who: str, item: str, verb: str) -> EditPlan:
