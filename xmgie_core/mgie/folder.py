@@ -1,0 +1,353 @@
+"""The converted MGIE model folder (what ComfyUI users keep as ComfyUI/models/LLM/<name>/).
+
+    <name>/config.json, model*.safetensors, generation_config.json, tokenizer files
+        a standard transformers LlamaForCausalLM folder; the vocabulary includes the 11 added tokens
+        <im_patch> <im_start> <im_end> (32000-32002 on LLaMA's 32000) then [IMG0]..[IMG7] (32003-32010)
+    <name>/vision/config.json, model.safetensors, preprocessor_config.json
+        a transformers CLIPVisionModel (ViT-L/14, 224 px) and its CLIPImageProcessor
+    <name>/mgie.safetensors
+        mm_projector.weight / mm_projector.bias (LLaVA v1's single Linear 1024 -> 4096) and edit_head.* (EditMapper)
+    <name>/mgie.json
+        MGIEMeta as JSON
+
+The folder is written by `python -m xmgie_core.mgie convert` from ml-mgie's checkpoints. Loading never downloads and
+never runs code from the folder: local_files_only, trust_remote_code=False, safetensors only (no pickle).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import XMGIEInputError
+from .edit_head import EDIT_HEAD_DEFAULTS, NUM_IMG_TOKENS, EditMapper
+
+if TYPE_CHECKING:
+    from .llava import MGIE
+
+LOG = logging.getLogger("xmgie")
+
+FORMAT = "xmgie-mgie-1"
+META_FILE = "mgie.json"
+TENSORS_FILE = "mgie.safetensors"
+VISION_DIR = "vision"
+IM_PATCH, IM_START, IM_END = "<im_patch>", "<im_start>", "<im_end>"
+IMG_TOKENS = tuple(f"[IMG{i}]" for i in range(NUM_IMG_TOKENS))
+ADDED_TOKENS = (IM_PATCH, IM_START, IM_END) + IMG_TOKENS
+"""The 11 tokens MGIE adds to LLaMA's vocabulary, in id order."""
+CONVERT_HINT = "convert ml-mgie's checkpoints into such a folder with `python -m xmgie_core.mgie convert`"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MGIEMeta:
+    """mgie.json: what the loader needs beyond the transformers folders."""
+
+    format: str = FORMAT
+    image_token_len: int = 256
+    """Number of <im_patch> tokens = CLIP patch tokens ((224 // 14) ** 2 for ViT-L/14)."""
+    vision_select_layer: int = -2
+    """Which CLIP hidden state feeds the projector (LLaVA v1: the penultimate, CLS dropped)."""
+    im_patch_id: int
+    im_start_id: int
+    im_end_id: int
+    img_token_ids: tuple[int, ...]
+    """The ids of [IMG0]..[IMG7]."""
+    edit_head: dict = field(default_factory=lambda: dict(EDIT_HEAD_DEFAULTS))
+    """EditMapper's constructor arguments."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Input file -> sha256 (written by the converter)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "img_token_ids", tuple(self.img_token_ids))
+        self.validate()
+
+    def validate(self) -> None:
+        problems = []
+        if self.format != FORMAT:
+            problems.append(f"format is {self.format!r}, expected {FORMAT!r}")
+        for name in ("image_token_len", "vision_select_layer", "im_patch_id", "im_start_id", "im_end_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                problems.append(f"{name} must be an integer, got {value!r}")
+        if isinstance(self.image_token_len, int) and self.image_token_len < 1:
+            problems.append(f"image_token_len must be at least 1, got {self.image_token_len}")
+        if len(self.img_token_ids) != NUM_IMG_TOKENS or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.img_token_ids):
+            problems.append(f"img_token_ids must be {NUM_IMG_TOKENS} integers, got {list(self.img_token_ids)!r}")
+        ids = [self.im_patch_id, self.im_start_id, self.im_end_id, *self.img_token_ids]
+        if all(isinstance(i, int) for i in ids) and (len(set(ids)) != len(ids) or min(ids) < 0):
+            problems.append(f"the added token ids must be distinct and non-negative, got {ids}")
+        if not isinstance(self.edit_head, dict):
+            problems.append(f"edit_head must be an object, got {self.edit_head!r}")
+        else:
+            unknown = sorted(set(self.edit_head) - set(EDIT_HEAD_DEFAULTS))
+            if unknown:
+                problems.append(f"edit_head has unknown keys {unknown} (known: {sorted(EDIT_HEAD_DEFAULTS)})")
+            bad = [k for k, v in self.edit_head.items() if k in EDIT_HEAD_DEFAULTS
+                   and (not isinstance(v, int) or isinstance(v, bool) or v < 1)]
+            if bad:
+                problems.append(f"edit_head values {bad} must be positive integers")
+        if not isinstance(self.sources, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.sources.items()):
+            problems.append("sources must map file names to sha256 strings")
+        if problems:
+            raise XMGIEInputError(f"Invalid MGIE metadata ({META_FILE}): {'; '.join(problems)}. Re-create the folder: "
+                                  f"{CONVERT_HINT}.")
+
+    def edit_head_args(self) -> dict[str, int]:
+        """EditMapper's full constructor arguments (missing keys = ml-mgie's defaults)."""
+        return {**EDIT_HEAD_DEFAULTS, **self.edit_head}
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["img_token_ids"] = list(self.img_token_ids)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> MGIEMeta:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise XMGIEInputError(f"{META_FILE} is not valid JSON ({e}). Re-create the folder: {CONVERT_HINT}.") from None
+        if not isinstance(data, dict):
+            raise XMGIEInputError(f"{META_FILE} must hold a JSON object. Re-create the folder: {CONVERT_HINT}.")
+        if data.get("format") != FORMAT:
+            raise XMGIEInputError(f"{META_FILE} has format {data.get('format')!r}, but this version of xMGIE reads "
+                                  f"{FORMAT!r}. Re-create the folder: {CONVERT_HINT}.")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        required = {"im_patch_id", "im_start_id", "im_end_id", "img_token_ids"}
+        missing = sorted(required - set(data))
+        if unknown or missing:
+            raise XMGIEInputError(f"{META_FILE} " + "; ".join(
+                ([f"has unknown keys {unknown}"] if unknown else []) + ([f"lacks {missing}"] if missing else []))
+                + f". Re-create the folder: {CONVERT_HINT}.")
+        if not isinstance(data["img_token_ids"], list):
+            raise XMGIEInputError(f"{META_FILE}: img_token_ids must be a list of {NUM_IMG_TOKENS} integers. "
+                                  f"Re-create the folder: {CONVERT_HINT}.")
+        return cls(**data)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, **kwargs: Any) -> MGIEMeta:
+        """The added tokens' ids as `tokenizer` assigns them (it must hold all 11 tokens)."""
+        ids = token_ids(tokenizer)
+        return cls(im_patch_id=ids[IM_PATCH], im_start_id=ids[IM_START], im_end_id=ids[IM_END],
+                   img_token_ids=tuple(ids[t] for t in IMG_TOKENS), **kwargs)
+
+
+def token_ids(tokenizer: Any) -> dict[str, int]:
+    """The ids of the 11 added tokens in `tokenizer`; an error names any it lacks."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ADDED_TOKENS}
+    missing = [t for t, i in ids.items() if i is None or i == unk]
+    if missing:
+        raise XMGIEInputError(f"The MGIE tokenizer lacks the added tokens {missing}; it needs all of "
+                              f"{list(ADDED_TOKENS)}. Re-create the folder: {CONVERT_HINT}.")
+    return ids
+
+
+def check_tokens(tokenizer: Any, meta: MGIEMeta) -> None:
+    """The tokenizer's ids for the added tokens must equal those in mgie.json."""
+    ids = token_ids(tokenizer)
+    expected = {IM_PATCH: meta.im_patch_id, IM_START: meta.im_start_id, IM_END: meta.im_end_id,
+                **dict(zip(IMG_TOKENS, meta.img_token_ids))}
+    wrong = {t: (ids[t], expected[t]) for t in ADDED_TOKENS if ids[t] != expected[t]}
+    if wrong:
+        detail = ", ".join(f"{t} is {a} in the tokenizer but {b} in {META_FILE}" for t, (a, b) in wrong.items())
+        raise XMGIEInputError(f"The MGIE tokenizer and {META_FILE} disagree: {detail}. Re-create the folder: "
+                              f"{CONVERT_HINT}.")
+
+
+def _pickled(names: set[str]) -> list[str]:
+    return sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+
+
+def _weights_problem(directory: Path, names: set[str], what: str) -> str | None:
+    """None when `directory` holds transformers safetensors weights (model.safetensors or an index + its shards)."""
+    if "model.safetensors" in names:
+        return None
+    if "model.safetensors.index.json" in names:
+        try:
+            shards = set(json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"{what}: model.safetensors.index.json is unreadable ({e})"
+        absent = sorted(shards - names)
+        return f"{what}: the weight shards {absent} listed in model.safetensors.index.json" if absent else None
+    pickled = _pickled(names)
+    return (f"{what}: model.safetensors" + (f" (found only {', '.join(pickled)}: pickle files are never loaded, "
+                                             "for safety; convert them to safetensors)" if pickled else ""))
+
+
+def check_mgie_folder(folder: Path) -> None:
+    """Raise XMGIEInputError naming every missing piece of an MGIE folder and where it goes."""
+    folder = Path(folder)
+    where = f"ComfyUI/models/LLM/{folder.name}"
+    if not folder.is_dir():
+        raise XMGIEInputError(f"MGIE model folder not found: {folder}. Put the converted MGIE folder under "
+                              f"ComfyUI/models/LLM/ and give its name; {CONVERT_HINT}.")
+    names = {p.name for p in folder.iterdir()}
+    if META_FILE not in names and TENSORS_FILE not in names:
+        found = "mllm.pt (ml-mgie's original checkpoint, which is not loaded directly)" if "mllm.pt" in names else (
+            "a transformers model folder" if "config.json" in names else "no model files")
+        raise XMGIEInputError(f"{folder} is not an MGIE folder: it has no {META_FILE} and no {TENSORS_FILE} (found "
+                              f"{found}). {CONVERT_HINT[0].upper() + CONVERT_HINT[1:]} and point to the result.")
+    missing = []
+    if META_FILE not in names:
+        missing.append(f"{META_FILE} (the MGIE metadata) in {where}/")
+    else:
+        try:
+            MGIEMeta.from_json((folder / META_FILE).read_text(encoding="utf-8"))
+        except XMGIEInputError as e:
+            missing.append(f"a valid {META_FILE} in {where}/ ({e})")
+        except (OSError, UnicodeDecodeError) as e:
+            missing.append(f"a readable {META_FILE} in {where}/ ({e})")
+    if TENSORS_FILE not in names:
+        missing.append(f"{TENSORS_FILE} (mm_projector + edit_head tensors) in {where}/")
+    if "config.json" not in names:
+        missing.append(f"config.json (the LLaMA config) in {where}/")
+    problem = _weights_problem(folder, names, f"the LLaMA weights in {where}/")
+    if problem:
+        missing.append(problem)
+    if not names & {"tokenizer.json", "tokenizer.model"}:
+        missing.append(f"the tokenizer (tokenizer.json or tokenizer.model, with tokenizer_config.json) in {where}/")
+    vision = folder / VISION_DIR
+    if not vision.is_dir():
+        missing.append(f"the CLIP vision tower folder {where}/{VISION_DIR}/ (config.json, model.safetensors, "
+                       "preprocessor_config.json)")
+    else:
+        vnames = {p.name for p in vision.iterdir()}
+        if "config.json" not in vnames:
+            missing.append(f"config.json (the CLIP vision config) in {where}/{VISION_DIR}/")
+        problem = _weights_problem(vision, vnames, f"the CLIP vision weights in {where}/{VISION_DIR}/")
+        if problem:
+            missing.append(problem)
+        if "preprocessor_config.json" not in vnames:
+            missing.append(f"preprocessor_config.json (the CLIP image processor) in {where}/{VISION_DIR}/")
+    if missing:
+        raise XMGIEInputError(f"The MGIE folder {folder} is incomplete: missing {'; '.join(missing)}. "
+                              f"{CONVERT_HINT[0].upper() + CONVERT_HINT[1:]} (it writes all of these).")
+
+
+def mgie_tensors(projector: nn.Linear, edit_head: EditMapper) -> dict[str, torch.Tensor]:
+    """The contents of mgie.safetensors: mm_projector.weight/bias + edit_head.* (ml-mgie's key names)."""
+    out = {f"mm_projector.{k}": v for k, v in projector.state_dict().items()}
+    out.update({f"edit_head.{k}": v for k, v in edit_head.state_dict().items()})
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def save_mgie_folder(folder: Path, llm: Any, tokenizer: Any, vision: Any, image_processor: Any,
+                     projector: nn.Linear, edit_head: EditMapper, meta: MGIEMeta) -> Path:
+    """Write an MGIE folder (layout in the module docstring); checks the pieces fit together first."""
+    from safetensors.torch import save_file
+
+    from .llava import check_parts
+
+    check_parts(llm, tokenizer, vision, projector, edit_head, meta)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    llm.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    vision.save_pretrained(folder / VISION_DIR, safe_serialization=True)
+    image_processor.save_pretrained(folder / VISION_DIR)
+    save_file(mgie_tensors(projector, edit_head), str(folder / TENSORS_FILE), metadata={"format": FORMAT})
+    (folder / META_FILE).write_text(meta.to_json(), encoding="utf-8")
+    return folder
+
+
+def _from_pretrained(cls: Any, directory: Path, dtype: torch.dtype, what: str) -> Any:
+    model, info = cls.from_pretrained(directory, local_files_only=True, trust_remote_code=False, use_safetensors=True,
+                                      dtype=dtype, output_loading_info=True)
+    bad = {k: list(v) for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+    if bad:
+        raise XMGIEInputError(f"The {what} weights in {directory} do not fit its config.json ({bad}); the folder is "
+                              f"damaged or mixed from different models. Re-create it: {CONVERT_HINT}.")
+    if info.get("unexpected_keys"):
+        LOG.warning("xMGIE: unused tensors in %s: %s", directory, sorted(info["unexpected_keys"])[:10])
+    return model
+
+
+def load_mgie_folder(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> MGIE:
+    """Load an MGIE folder offline (local_files_only, safetensors only, no remote code) onto `device` in `dtype`.
+
+    Every tensor of mgie.safetensors must be used and none may be missing.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlamaForCausalLM
+
+    from .llava import MGIE
+
+    folder = Path(folder)
+    check_mgie_folder(folder)
+    meta = MGIEMeta.from_json((folder / META_FILE).read_text(encoding="utf-8"))
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") != "llama":
+        raise XMGIEInputError(f"{folder / 'config.json'} is a {config.get('model_type')!r} model; MGIE's language "
+                              f"model is LLaMA (model_type 'llama'). Re-create the folder: {CONVERT_HINT}.")
+    options = dict(local_files_only=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **options)
+    check_tokens(tokenizer, meta)
+    try:
+        tensors = load_file(str(folder / TENSORS_FILE))
+    except (SafetensorError, OSError) as e:
+        raise XMGIEInputError(f"{folder / TENSORS_FILE} could not be read ({e}). Re-create the folder: "
+                              f"{CONVERT_HINT}.") from None
+    for name in ("mm_projector.weight", "mm_projector.bias"):
+        if name not in tensors:
+            raise XMGIEInputError(f"{folder / TENSORS_FILE} lacks {name}. Re-create the folder: {CONVERT_HINT}.")
+    weight = tensors["mm_projector.weight"]
+    if weight.ndim != 2:
+        raise XMGIEInputError(f"mm_projector.weight in {folder / TENSORS_FILE} must be a matrix, got shape "
+                              f"{tuple(weight.shape)}. Re-create the folder: {CONVERT_HINT}.")
+    projector = nn.Linear(weight.shape[1], weight.shape[0])
+    edit_head = EditMapper(**meta.edit_head_args())
+    expected = set(mgie_tensors(projector, edit_head))
+    missing, unused = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unused:
+        raise XMGIEInputError(
+            f"{folder / TENSORS_FILE} does not match the edit head described in {META_FILE}: "
+            + "; ".join(([f"missing {missing}"] if missing else []) + ([f"unused {unused}"] if unused else []))
+            + f". Re-create the folder: {CONVERT_HINT}.")
+    shapes = {k: v.shape for k, v in mgie_tensors(projector, edit_head).items()}
+    wrong = {k: (tuple(tensors[k].shape), tuple(s)) for k, s in shapes.items() if tensors[k].shape != s}
+    if wrong:
+        raise XMGIEInputError(f"{folder / TENSORS_FILE} has tensors of the wrong shape (found, expected): {wrong}. "
+                              f"Re-create the folder: {CONVERT_HINT}.")
+    projector.load_state_dict({k.removeprefix("mm_projector."): v for k, v in tensors.items()
+                               if k.startswith("mm_projector.")})
+    edit_head.load_state_dict({k.removeprefix("edit_head."): v for k, v in tensors.items()
+                               if k.startswith("edit_head.")})
+    llm = _from_pretrained(LlamaForCausalLM, folder, dtype, "LLaMA")
+    vision = _from_pretrained(CLIPVisionModel, folder / VISION_DIR, dtype, "CLIP vision")
+    image_processor = CLIPImageProcessor.from_pretrained(folder / VISION_DIR, **options)
+    parts = [m.to(device=device, dtype=dtype).eval() for m in (llm, vision, projector, edit_head)]
+    return MGIE(parts[0], tokenizer, parts[1], image_processor, parts[2], parts[3], meta)
+
+
+_LOADED: dict[tuple[Path, str, torch.dtype], MGIE] = {}
+
+
+def cached_mgie(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> MGIE:
+    """load_mgie_folder, kept for the next call with the same (folder, device, dtype) until `unload_mgie`."""
+    key = (Path(folder).resolve(), str(device), dtype)
+    if key not in _LOADED:
+        _LOADED[key] = load_mgie_folder(folder, device, dtype)
+    return _LOADED[key]
+
+
+def unload_mgie(folder: Path | None = None) -> None:
+    """Forget one cached MGIE folder (every device/dtype), or all of them, and free their memory."""
+    target = Path(folder).resolve() if folder is not None else None
+    for key in [k for k in _LOADED if target is None or k[0] == target]:
+        del _LOADED[key]
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
