@@ -1,0 +1,40 @@
+"""`python -m xmgie_core.mgie <command> [options]`: MGIE tools.
+
+Each command lives in its own module with a `main(argv) -> int` (optionally `main(argv, prog=...)`, for its usage
+line); the module is imported only when its command runs. To add one (e.g. `train` from train.py), add a line to
+COMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import sys
+
+PROG = "python -m xmgie_core.mgie"
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("xmgie_core.mgie.convert", "turn ml-mgie's released files into an MGIE folder for "
+                "ComfyUI/models/LLM/ and a U-Net file for ComfyUI/models/diffusion_models/"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="MGIE tools. `%s <command> --help` shows a command's options."
+                                % PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="commands:\n" + "\n".join(f"  {n:10s} {h}" for n, (_, h) in COMMANDS.items()))
+    p.add_argument("command", choices=sorted(COMMANDS), metavar="command", help="one of: " + ", ".join(COMMANDS))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the command's options")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    command_main = importlib.import_module(COMMANDS[args.command][0]).main
+    if "prog" in inspect.signature(command_main).parameters:
+        return command_main(args.args, prog=f"{PROG} {args.command}")
+    return command_main(args.args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
