@@ -83,10 +83,12 @@ def pfb_settings(mask: torch.Tensor, source_mode: str, layers: str, outside_weig
                        source_mode, SOURCE_CACHE if cache else None, cache_mb, comfy_progress()), note
 
 
-def make_guider(model, positive, negative, source, cfg: float, settings: PFBSettings):
+def make_guider(model, positive, negative, source, cfg: float, settings: PFBSettings, image_cond=None,
+                image_cfg: float = 1.5):
     guider = pfb_guider_class()(model, settings)
-    guider.set_conds(positive, negative, source)
+    guider.set_conds(positive, negative, source, image_cond)
     guider.set_cfg(cfg)
+    guider.set_image_cfg(image_cfg)
     return guider
 
 
@@ -114,18 +116,27 @@ class XMGIEPFBGuider:
                                   "tooltip": "Classifier-free guidance scale of the edit branch."}),
                 **PFB_INPUTS,
             },
-            "optional": SOURCE_INPUT,
+            "optional": {
+                **SOURCE_INPUT,
+                "image_cond": ("CONDITIONING", {"tooltip": "InstructPix2Pix: the InstructPixToPixConditioning node's "
+                               "negative (the negative with the image). Turns on text + image guidance, as "
+                               "DualCFGGuider: cfg is the text scale, image_cfg the image scale; 'negative' is then "
+                               "the negative without the image."}),
+                "image_cfg": ("FLOAT", {"default": 1.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                        "tooltip": "With image_cond: the image guidance scale (InstructPix2Pix and "
+                                                   "MGIE use 1.5)."}),
+            },
         }
 
     def get_guider(self, model, positive, negative, cfg: float, mask: torch.Tensor, source_mode: str, layers: str,
                    outside_weight: float, blend_end_percent: float, latent_blend_end_percent: float,
                    soft_edge: bool, cache: bool, cache_mb: int, source=None, id_embed: IdEmbed | None = None,
-                   face_protection: float = 1.0) -> tuple:
+                   face_protection: float = 1.0, image_cond=None, image_cfg: float = 1.5) -> tuple:
         settings, _ = pfb_settings(mask, source_mode, layers, outside_weight, blend_end_percent,
                                    latent_blend_end_percent, soft_edge, cache, cache_mb, id_embed, face_protection)
         if settings.empty:
             warn_empty_mask()
-        return (make_guider(model, positive, negative, source, cfg, settings),)
+        return (make_guider(model, positive, negative, source, cfg, settings, image_cond, image_cfg),)
 
 
 class XMGIEPFBSampler:

@@ -156,10 +156,32 @@ def pfb_guider_class() -> type:
             super().__init__(model_patcher)
             self.settings = settings
             self.run: _Run | None = None
+            self.image_cfg = 1.5
 
-        def set_conds(self, positive: list, negative: list, source: list | None = None) -> None:
-            self.inner_set_conds({"positive": positive, "negative": negative,
-                                  "source": source_conds(source, negative, positive)})
+        def set_conds(self, positive: list, negative: list, source: list | None = None,
+                      image_cond: list | None = None) -> None:
+            """`image_cond`: InstructPix2Pix's negative *with* the image, for text + image guidance."""
+            conds = {"positive": positive, "negative": negative, "source": source_conds(source, negative, positive)}
+            if image_cond is not None:
+                import node_helpers
+
+                conds["middle"] = node_helpers.conditioning_set_values(image_cond, {"prompt_type": "negative"})
+            self.inner_set_conds(conds)
+
+        def set_image_cfg(self, image_cfg: float) -> None:
+            self.image_cfg = image_cfg
+
+        def guided(self, x, timestep, model_options, seed):
+            """CFG, or with an image cond InstructPix2Pix's dual guidance, as ComfyUI's DualCFGGuider ('regular'):
+            e(0,0) + s_I (e(I,0) - e(0,0)) + s_T (e(I,T) - e(I,0)), with s_T = cfg and s_I = image_cfg."""
+            if "middle" not in self.conds:
+                return super().predict_noise(x, timestep, model_options, seed)
+            negative, middle, positive = (self.conds[k] for k in ("negative", "middle", "positive"))
+            out = comfy.samplers.calc_cond_batch(self.inner_model, [negative, middle, positive], x, timestep,
+                                                 model_options)
+            return comfy.samplers.cfg_function(self.inner_model, out[1], out[0], self.image_cfg, x, timestep,
+                                               model_options=model_options, cond=middle, uncond=negative) \
+                + (out[2] - out[1]) * self.cfg
 
         def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar,
                          seed):
@@ -239,14 +261,14 @@ def pfb_guider_class() -> type:
             layers = run.plan.active_layers(sigma)
             blending = run.plan.latent_active(sigma)
             if not layers and not blending:
-                return super().predict_noise(x, timestep, model_options, seed)
+                return self.guided(x, timestep, model_options, seed)
             if layers:
                 model_options = with_block_patch(
                     model_options, BlockPatch(FeatureBlender(run.plan, run.branch.features(sigma), layers)))
             if blending:
                 m = run.plan.latent_mask(*x.shape[-2:], x.device)
                 x = latent_blend(x, run.branch.trajectory(sigma).to(x), m)
-            denoised = super().predict_noise(x, timestep, model_options, seed)
+            denoised = self.guided(x, timestep, model_options, seed)
             return latent_blend(denoised, run.source.to(denoised), m) if blending else denoised
 
     _GUIDER.append(PFBGuider)
