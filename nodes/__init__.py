@@ -4,6 +4,7 @@ from .cross_attention_mask import XMGIECrossAttentionMask
 from .gb_compositor import XMGIEGBCompositor
 from .identity import XMGIEIdentityScore, XMGIEIDEmbedder
 from .instruction import XMGIEInstruction
+from .mgie import XMGIEMGIEGuidance
 from .model_folders import register_model_folders
 from .pfb import XMGIEPFBGuider, XMGIEPFBSampler
 from .region_predictor import XMGIERegionPredictor
@@ -12,6 +13,7 @@ from .samples import install_samples
 NODE_CLASS_MAPPINGS = {
     "XMGIEInstruction": XMGIEInstruction,
     "XMGIERegionPredictor": XMGIERegionPredictor,
+    "XMGIEMGIEGuidance": XMGIEMGIEGuidance,
     "XMGIEGBCompositor": XMGIEGBCompositor,
     "XMGIECrossAttentionMask": XMGIECrossAttentionMask,
     "XMGIEPFBSampler": XMGIEPFBSampler,
@@ -23,6 +25,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "XMGIEInstruction": "XMGIE Instruction",
     "XMGIERegionPredictor": "XMGIE Region Predictor",
+    "XMGIEMGIEGuidance": "XMGIE MGIE Guidance",
     "XMGIEGBCompositor": "XMGIE GB Compositor",
     "XMGIECrossAttentionMask": "XMGIE Cross-Attention Mask",
     "XMGIEPFBSampler": "XMGIE PFB Sampler",

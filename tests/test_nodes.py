@@ -17,7 +17,8 @@ def test_every_node_is_mapped_with_a_display_name(pack):
 
 
 @pytest.mark.parametrize("name", ["XMGIEGBCompositor", "XMGIECrossAttentionMask", "XMGIEPFBSampler", "XMGIEPFBGuider",
-                                  "XMGIEInstruction", "XMGIEIDEmbedder", "XMGIEIdentityScore", "XMGIERegionPredictor"])
+                                  "XMGIEInstruction", "XMGIEIDEmbedder", "XMGIEIdentityScore", "XMGIERegionPredictor",
+                                  "XMGIEMGIEGuidance"])
 def test_node_contract(pack, name):
     cls = pack.NODE_CLASS_MAPPINGS[name]
     assert cls.CATEGORY.startswith("xMGIE/")

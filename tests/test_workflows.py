@@ -35,6 +35,17 @@ CORE_NODES = {
                      "latent_image", "denoise"],
         "outputs": ["LATENT"]},
     "VAEDecode": {"widgets": [], "required": ["samples", "vae"], "outputs": ["IMAGE"]},
+    "UNETLoader": {"widgets": ["unet_name", "weight_dtype"], "required": ["unet_name", "weight_dtype"],
+                   "outputs": ["MODEL"]},
+    "InstructPixToPixConditioning": {"widgets": [], "required": ["positive", "negative", "vae", "pixels"],
+                                     "outputs": ["CONDITIONING", "CONDITIONING", "LATENT"]},
+    "RandomNoise": {"widgets": ["noise_seed", "noise_seed:control_after_generate"], "required": ["noise_seed"],
+                    "outputs": ["NOISE"]},
+    "KSamplerSelect": {"widgets": ["sampler_name"], "required": ["sampler_name"], "outputs": ["SAMPLER"]},
+    "BasicScheduler": {"widgets": ["scheduler", "steps", "denoise"],
+                       "required": ["model", "scheduler", "steps", "denoise"], "outputs": ["SIGMAS"]},
+    "SamplerCustomAdvanced": {"widgets": [], "required": ["noise", "guider", "sampler", "sigmas", "latent_image"],
+                              "outputs": ["LATENT", "LATENT"]},
 }
 UI_ONLY_WIDGETS = {"upload"}
 
