@@ -32,6 +32,7 @@ from ..errors import XMGIEInputError
 from ..image_io import load_image, save_image, to_rgb8
 from ..instruction.local import GenerationSettings, local_plan, unload
 from ..instruction.rules import COLOURS, rules_plan
+from ..training import field_error, read_jsonl, resolve
 from .encoders import square_resize
 
 TEXT_FIELDS = ("t_o", "t_ins", "t_e")
@@ -53,15 +54,6 @@ class RegionRecord:
     line: int
 
 
-def resolve(value: str, base: Path) -> Path:
-    """A record's path: absolute as given, relative against `base` (the folder of the file that names it)."""
-    return Path(os.path.normpath(Path(base) / value))
-
-
-def _field_error(source: Path, line: int, field: str, problem: str) -> XMGIEInputError:
-    return XMGIEInputError(f"{source}, line {line}, field {field!r}: {problem}.")
-
-
 def parse_record(data: Any, source: Path, line: int) -> RegionRecord:
     """One validated record; relative paths resolve against the JSONL's folder; files must exist."""
     if not isinstance(data, dict):
@@ -69,7 +61,7 @@ def parse_record(data: Any, source: Path, line: int) -> RegionRecord:
                               "t_ins, t_e, render.")
     for name in TEXT_FIELDS:
         if not isinstance(data.get(name), str) or not data[name].strip():
-            raise _field_error(source, line, name, "missing or empty; give a non-empty string")
+            raise field_error(source, line, name, "missing or empty; give a non-empty string")
     paths = {}
     for name in ("image", "render"):
         value = data.get(name)
@@ -77,10 +69,10 @@ def parse_record(data: Any, source: Path, line: int) -> RegionRecord:
             paths[name] = None
             continue
         if not isinstance(value, str) or not value.strip():
-            raise _field_error(source, line, name, "missing or not a path string; give the image file's path")
+            raise field_error(source, line, name, "missing or not a path string; give the image file's path")
         path = resolve(value, source.parent)
         if not path.is_file():
-            raise _field_error(source, line, name, f"file not found: {path}")
+            raise field_error(source, line, name, f"file not found: {path}")
         paths[name] = path
     return RegionRecord(paths["image"], data["t_o"].strip(), data["t_ins"].strip(), data["t_e"].strip(),
                         paths["render"], line)
@@ -88,23 +80,7 @@ def parse_record(data: Any, source: Path, line: int) -> RegionRecord:
 
 def read_records(path: Path, need_renders: bool = True) -> list[RegionRecord]:
     """All records of a JSONL file (blank lines skipped); with `need_renders`, each must have its render."""
-    path = Path(path)
-    if not path.is_file():
-        raise XMGIEInputError(f"Training data not found: {path}. Make it with `python -m xmgie_core.region.data "
-                              "build`.")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise XMGIEInputError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno}); write "
-                                      "one JSON object per line.") from None
-            records.append(parse_record(data, path, number))
-    if not records:
-        raise XMGIEInputError(f"{path} holds no records; build them with `python -m xmgie_core.region.data build`.")
+    records = read_jsonl(path, parse_record, "Make it with `python -m xmgie_core.region.data build`.")
     missing = [r.line for r in records if r.render is None]
     if need_renders and missing:
         raise XMGIEInputError(f"{path}: {len(missing)} of {len(records)} records have no 'render' (X_gen), e.g. line "
@@ -171,10 +147,10 @@ def read_captions(path: Path) -> list[tuple[Path, str, int]]:
             raise XMGIEInputError(f"{path}, line {number}: expected an object with image and caption.")
         for name in ("image", "caption"):
             if not isinstance(row.get(name), str) or not row[name].strip():
-                raise _field_error(path, number, name, "missing or empty")
+                raise field_error(path, number, name, "missing or empty")
         image = resolve(row["image"], path.parent)
         if not image.is_file():
-            raise _field_error(path, number, "image", f"file not found: {image}")
+            raise field_error(path, number, "image", f"file not found: {image}")
         out.append((image, " ".join(row["caption"].split()), number))
     if not out:
         raise XMGIEInputError(f"{path} holds no captions.")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,15 +34,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import XMGIEInputError
 from ..image_io import check_out_dir
+from ..training import (CHECKPOINT, LOG, Position, checkpoint_to_resume, distributed, keep_log_until,
+                        load_checkpoint, mean_over_ranks, run_signature, save_checkpoint, setup_distributed)
 from .data import RegionDataset, collate, read_records
 from .encoders import ImageEncoder, InstructionEncoder, TextEncoder, load_clip_encoders, load_t5_instruction_encoder
 from .losses import (LossWeights, SemanticProjection, clip_directional_loss, clip_global_loss, clip_loss,
                      clip_structure_loss, composite, sem_edited_loss, sem_original_loss, soft_region, total_loss)
 from .predictor import RegionConfig, RegionOutput, RegionPredictor, save_predictor
 
-CHECKPOINT = "checkpoint.safetensors"
 PREDICTOR = "region_predictor.safetensors"
-LOG = "log.jsonl"
 CHECKPOINT_FORMAT = "xmgie-region-train-checkpoint-1"
 TERMS = ("loss", "sem_align", "sem_edited", "sem_original", "clip", "clip_g", "clip_d", "clip_s", "region_mean")
 SHORT = {"loss": "L", "sem_align": "sem", "clip_g": "g", "clip_d": "d", "clip_s": "s", "region_mean": "P"}
@@ -78,10 +77,7 @@ class TrainSettings:
 
     def signature(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues (steps, save_every, workers may change)."""
-        data = asdict(self)
-        for key in ("steps", "save_every", "workers"):
-            data.pop(key)
-        return data
+        return run_signature(self, ("steps", "save_every", "workers"))
 
 
 @dataclass(frozen=True)
@@ -93,19 +89,6 @@ class Encoders:
     instruction: InstructionEncoder
     image_name: str = "openai/clip-vit-large-patch14"
     instruction_name: str = "google/flan-t5-base"
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where training is: steps done, and the next batch (epoch, batch index within the epoch)."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
-
-    def advanced(self, batches_per_epoch: int) -> "Position":
-        wrap = self.batch + 1 == batches_per_epoch
-        return Position(self.step + 1, self.epoch + wrap, 0 if wrap else self.batch + 1)
 
 
 class RegionTrainable(nn.Module):
@@ -178,109 +161,6 @@ def data_digest(dataset: RegionDataset) -> str:
     return f"{len(dataset.records)}:{h.hexdigest()}"
 
 
-def save_checkpoint(path: Path, model: RegionTrainable, optimizer: torch.optim.Optimizer, position: Position,
-                    run: dict[str, Any]) -> None:
-    """predictor + f_sem + AdamW state + RNG state as tensors; step, data position and the run in the header."""
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    state = optimizer.state_dict()
-    for index, values in state["state"].items():
-        tensors.update({f"optimizer.{index}.{k}": v.detach().cpu().contiguous() for k, v in values.items()})
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    meta = {"format": CHECKPOINT_FORMAT, "position": json.dumps(asdict(position)), "run": json.dumps(run),
-            "param_groups": json.dumps(state["param_groups"])}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-
-
-def load_checkpoint(path: Path, model: RegionTrainable, optimizer: torch.optim.Optimizer, run: dict[str, Any]
-                    ) -> Position:
-    """Restore what save_checkpoint wrote into `model` and `optimizer` (and the RNG); the run must match."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for a bad file
-        raise XMGIEInputError(f"{path} is not a readable checkpoint ({exc}); resume from another one or start a "
-                              "new --out.") from exc
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise XMGIEInputError(f"{path} is not an xMGIE region training checkpoint; give the {CHECKPOINT} of a run.")
-    saved = json.loads(meta["run"])
-    differ = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
-    if differ:
-        raise XMGIEInputError(f"{path} belongs to a run with other settings or data ({', '.join(differ)}: "
-                              f"{[saved.get(k) for k in differ]} there, {[run.get(k) for k in differ]} now); resume "
-                              "with the same data and settings (only --steps, --save-every, --workers may change), "
-                              "or start a new --out.")
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    torch.set_rng_state(tensors["rng.cpu"])
-    if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
-                                           key=lambda k: int(k.rsplit(".", 1)[1]))]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-    return Position(**json.loads(meta["position"]))
-
-
-def checkpoint_to_resume(out: Path, resume: bool | Path) -> Path | None:
-    """The checkpoint to continue from (`resume` True: <out>/checkpoint.safetensors), or None for a fresh run; a
-    fresh run into a folder that already holds one is refused rather than overwritten."""
-    existing = Path(out) / CHECKPOINT
-    if resume is False:
-        if existing.exists():
-            raise XMGIEInputError(f"{out} already holds a training run ({CHECKPOINT}); pass --resume to continue it "
-                                  "or choose another --out.")
-        return None
-    path = existing if resume is True else Path(resume)
-    if not path.is_file():
-        raise XMGIEInputError(f"No checkpoint to resume from at {path}; train without --resume first (it writes "
-                              f"{CHECKPOINT} every --save-every steps).")
-    return path
-
-
-def distributed() -> tuple[int, int]:
-    """(rank, world size); one process unless torchrun set up a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def mean_over_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
-    """The mean of `values` over the DDP processes (for the log)."""
-    if world > 1:
-        dist.all_reduce(values)
-        values = values / world
-    return values
-
-
-def logged_step(line: str) -> int | None:
-    """The step of a log line; None for a line cut short (by a crash while writing it)."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def keep_log_until(path: Path, step: int) -> None:
-    """Keep the log lines of steps 1..`step` only: what a resume continues from (or nothing for a fresh run)."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    kept = [line for line in lines if (n := logged_step(line)) is not None and n <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def train(dataset: RegionDataset, encoders: Encoders, out: Path, settings: TrainSettings,
           resume: bool | Path = False, device: torch.device | str = "cpu") -> Path:
     """Train and write <out>/region_predictor.safetensors (returned), log.jsonl and checkpoint.safetensors.
@@ -307,7 +187,7 @@ def train(dataset: RegionDataset, encoders: Encoders, out: Path, settings: Train
     torch.manual_seed(settings.seed)
     model = RegionTrainable(config, joint_dim).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    position = load_checkpoint(start, model, optimizer, run) if start else Position()
+    position = load_checkpoint(start, model, optimizer, run, CHECKPOINT_FORMAT, "region") if start else Position()
     trained = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     writer = rank == 0
@@ -341,7 +221,7 @@ def train(dataset: RegionDataset, encoders: Encoders, out: Path, settings: Train
             bar.set_postfix({SHORT[k]: f"{running[k]:.3f}" for k in SHORT}, refresh=False)
             bar.update()
             if position.step % settings.save_every == 0 or position.step == settings.steps:
-                save_checkpoint(out / CHECKPOINT, model, optimizer, position, run)
+                save_checkpoint(out / CHECKPOINT, model, optimizer, position, run, CHECKPOINT_FORMAT)
     bar.close()
     path = out / PREDICTOR
     if writer:
@@ -349,19 +229,6 @@ def train(dataset: RegionDataset, encoders: Encoders, out: Path, settings: Train
                 "data": run["data"]}
         save_predictor(model.predictor, path, meta)
     return path
-
-
-def setup_distributed(device: str | None) -> torch.device:
-    """Under torchrun (WORLD_SIZE > 1): init the process group (NCCL on GPUs, else Gloo) and pick this rank's GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and device != "cpu"
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if world > 1 and cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device(device or ("cuda" if cuda else "cpu"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,187 @@
+"""What the two trainers (region/train.py, mgie/train.py) share: JSONL records, resumable safetensors checkpoints
+(module + AdamW + RNG state, the data position and the run's settings), the step log, and torchrun/DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import XMGIEInputError
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "log.jsonl"
+T = TypeVar("T")
+
+
+def resolve(value: str, base: Path) -> Path:
+    """A record's path: absolute as given, relative against `base` (the folder of the file that names it)."""
+    return Path(os.path.normpath(Path(base) / value))
+
+
+def field_error(source: Path, line: int, field: str, problem: str) -> XMGIEInputError:
+    return XMGIEInputError(f"{source}, line {line}, field {field!r}: {problem}.")
+
+def read_jsonl(path: Path, parse: Callable[[Any, Path, int], T], missing: str) -> list[T]:
+    """parse(object, path, line) for each line of a JSONL file (blank lines skipped); `missing` says how to make
+    the file when it is absent or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise XMGIEInputError(f"Training data not found: {path}. {missing}")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for number, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise XMGIEInputError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno}); write "
+                                      "one JSON object per line.") from None
+            records.append(parse(data, path, number))
+    if not records:
+        raise XMGIEInputError(f"{path} holds no records. {missing}")
+    return records
+
+
+def run_signature(settings: Any, changeable: tuple[str, ...]) -> dict[str, Any]:
+    """A settings dataclass as the dict a resumed run must match, without the fields a resume may change."""
+    return {k: v for k, v in asdict(settings).items() if k not in changeable}
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training is: steps done, and the next batch (epoch, batch index within the epoch)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+    def advanced(self, batches_per_epoch: int) -> "Position":
+        wrap = self.batch + 1 == batches_per_epoch
+        return Position(self.step + 1, self.epoch + wrap, 0 if wrap else self.batch + 1)
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, position: Position,
+                    run: dict[str, Any], fmt: str) -> None:
+    """The trained module + AdamW state + RNG state as tensors; the format, step, data position and the run in the
+    header."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = optimizer.state_dict()
+    for index, values in state["state"].items():
+        tensors.update({f"optimizer.{index}.{k}": v.detach().cpu().contiguous() for k, v in values.items()})
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    meta = {"format": fmt, "position": json.dumps(asdict(position)), "run": json.dumps(run),
+            "param_groups": json.dumps(state["param_groups"])}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, run: dict[str, Any], fmt: str,
+                    what: str) -> Position:
+    """Restore what save_checkpoint wrote into `model` and `optimizer` (and the RNG); the format and run must match.
+    `what` names the trainer in errors (e.g. "region")."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for a bad file
+        raise XMGIEInputError(f"{path} is not a readable checkpoint ({exc}); resume from another one or start a "
+                              "new --out.") from exc
+    if meta.get("format") != fmt:
+        raise XMGIEInputError(f"{path} is not an xMGIE {what} training checkpoint; give the {CHECKPOINT} of a {what} "
+                              "training run.")
+    saved = json.loads(meta["run"])
+    differ = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
+    if differ:
+        raise XMGIEInputError(f"{path} belongs to a run with other settings or data ({', '.join(differ)}: "
+                              f"{[saved.get(k) for k in differ]} there, {[run.get(k) for k in differ]} now); resume "
+                              "with the same data and settings (only --steps, --save-every, --workers may change), "
+                              "or start a new --out.")
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                                           key=lambda k: int(k.rsplit(".", 1)[1]))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    return Position(**json.loads(meta["position"]))
+
+
+def checkpoint_to_resume(out: Path, resume: bool | Path) -> Path | None:
+    """The checkpoint to continue from (`resume` True: <out>/checkpoint.safetensors), or None for a fresh run; a
+    fresh run into a folder that already holds one is refused rather than overwritten."""
+    existing = Path(out) / CHECKPOINT
+    if resume is False:
+        if existing.exists():
+            raise XMGIEInputError(f"{out} already holds a training run ({CHECKPOINT}); pass --resume to continue it "
+                                  "or choose another --out.")
+        return None
+    path = existing if resume is True else Path(resume)
+    if not path.is_file():
+        raise XMGIEInputError(f"No checkpoint to resume from at {path}; train without --resume first (it writes "
+                              f"{CHECKPOINT} every --save-every steps).")
+    return path
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); one process unless torchrun set up a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def mean_over_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of `values` over the DDP processes (for the log)."""
+    if world > 1:
+        dist.all_reduce(values)
+        values = values / world
+    return values
+
+
+def logged_step(line: str) -> int | None:
+    """The step of a log line; None for a line cut short (by a crash while writing it)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def keep_log_until(path: Path, step: int) -> None:
+    """Keep the log lines of steps 1..`step` only: what a resume continues from (or nothing for a fresh run)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if (n := logged_step(line)) is not None and n <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def setup_distributed(device: str | None) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1): init the process group (NCCL on GPUs, else Gloo) and pick this rank's GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if world > 1 and cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device(device or ("cuda" if cuda else "cpu"))
