@@ -16,6 +16,8 @@ PROG = "python -m xmgie_core.mgie"
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("xmgie_core.mgie.convert", "turn ml-mgie's released files into an MGIE folder for "
                 "ComfyUI/models/LLM/ and a U-Net file for ComfyUI/models/diffusion_models/"),
+    "train": ("xmgie_core.mgie.train", "train MGIE (L_ins + 0.5 L_edit): the edit head and [IMG] rows, optionally "
+              "LoRA on the LLM and the U-Net; writes an MGIE folder"),
 }
 
 
