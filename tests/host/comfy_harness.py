@@ -570,3 +570,16 @@ def pixel_mismatch(actual: np.ndarray, want: np.ndarray, where: np.ndarray) -> s
     y, x = bad[0]
     return (f"{len(bad)} of {int(where.sum())} pixels differ, e.g. at (y={y}, x={x}): "
             f"got {actual[y, x].tolist()}, want {want[y, x].tolist()}")
+
+
+def check_edit_inside_only(runner: "PromptRunner", prompt: dict, save_id: str) -> np.ndarray:
+    """Run a bundled edit workflow; its saved image must be the source bit for bit far outside the mask and differ
+    from it somewhere inside. Returns the image."""
+    expected = composite_expectation(prompt)
+    (image,) = runner.run(prompt).images(save_id)
+    out = runner.read_image(image)
+    assert out.shape == expected.source.shape
+    problem = pixel_mismatch(out, expected.source, expected.far_outside)
+    assert not problem, f"far outside the mask the result is not the source: {problem}"
+    assert (expected.region & (out != expected.source).any(axis=-1)).any(), "the edit did not arrive"
+    return out
