@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -185,3 +186,17 @@ def setup_distributed(device: str | None) -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device(device or ("cuda" if cuda else "cpu"))
+
+
+def run_cli(body: Callable[[], None]) -> int:
+    """A trainer's command line: run `body`; a user error prints 'error: ...' and gives exit code 2; the torchrun
+    process group is always closed."""
+    try:
+        body()
+    except XMGIEInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

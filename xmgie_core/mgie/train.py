@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -52,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ..errors import XMGIEInputError
 from ..image_io import check_out_dir, load_image
 from ..training import (CHECKPOINT, LOG, Position, checkpoint_to_resume, distributed, field_error, keep_log_until,
-                        load_checkpoint, mean_over_ranks, read_jsonl, resolve, run_signature, save_checkpoint,
+                        load_checkpoint, mean_over_ranks, read_jsonl, resolve, run_cli, run_signature, save_checkpoint,
                         setup_distributed)
 from .edit_head import NUM_IMG_TOKENS, EditMapper, mgie_conditioning
 from .folder import ADDED_TOKENS, CONVERT_HINT, load_mgie_folder, save_mgie_folder
@@ -859,7 +858,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
-    try:
+
+    def run() -> None:
         settings = MGIETrainSettings(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
             save_every=args.save_every, alpha=args.alpha, text_drop=args.text_drop, image_drop=args.image_drop,
@@ -875,13 +875,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             print(f"wrote {result.mgie_folder} (MGIE folder: put it in ComfyUI/models/LLM/)")
             if result.unet_file:
                 print(f"wrote {result.unet_file} (U-Net: put it in ComfyUI/models/diffusion_models/)")
-    except XMGIEInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import XMGIEInputError
 from ..image_io import check_out_dir
 from ..training import (CHECKPOINT, LOG, Position, checkpoint_to_resume, distributed, keep_log_until,
-                        load_checkpoint, mean_over_ranks, run_signature, save_checkpoint, setup_distributed)
+                        load_checkpoint, mean_over_ranks, run_cli, run_signature, save_checkpoint, setup_distributed)
 from .data import RegionDataset, collate, read_records
 from .encoders import ImageEncoder, InstructionEncoder, TextEncoder, load_clip_encoders, load_t5_instruction_encoder
 from .losses import (LossWeights, SemanticProjection, clip_directional_loss, clip_global_loss, clip_loss,
@@ -265,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         weights = LossWeights(args.alpha, args.beta, args.lambda_g, args.lambda_d, args.lambda_s)
         settings = TrainSettings(args.steps, args.batch_size, args.lr, args.weight_decay, args.seed, args.save_every,
                                  weights, args.heads, args.threshold, args.workers)
@@ -279,13 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         path = train(RegionDataset(records, image.size), encoders, args.out, settings, args.resume, device)
         if distributed()[0] == 0:
             print(f"wrote {path}")
-    except XMGIEInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":
