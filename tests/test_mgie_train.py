@@ -26,11 +26,12 @@ from xmgie_core.mgie import MGIE, img_position, load_mgie_folder, mgie_condition
 from xmgie_core.mgie import train as mgie_train
 from xmgie_core.mgie.convert import diffusers_unet_to_ldm, unet_source, write_unet
 from xmgie_core.mgie.train import (
-    CHECKPOINT, IGNORE, LOG, MGIE_DIR, SD15_IP2P_UNET, UNET_FILE, MGIEDataset, MGIEObjective, MGIETrainSettings,
+    CHECKPOINT, IGNORE, MGIE_DIR, SD15_IP2P_UNET, UNET_FILE, MGIEDataset, MGIEObjective, MGIETrainSettings,
     attach_lora, build_trainables, collate, dropout_masks, edit_loss, img_states, instruction_loss, load_models,
     load_unet, main, noise_scheduler, prepare, read_mgie_records, sequence_embeddings, step_generator,
     training_sequence, write_back,
 )
+from xmgie_core.training import LOG
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")

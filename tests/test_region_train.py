@@ -25,8 +25,9 @@ from xmgie_core.region.losses import (LossWeights, clip_directional_loss, clip_g
                                       clip_structure_loss, composite, edited_features, self_similarity,
                                       sem_edited_loss, sem_original_loss, soft_region, total_loss)
 from xmgie_core.region.predictor import load_predictor, read_config
-from xmgie_core.region.train import (CHECKPOINT, LOG, PREDICTOR, TERMS, Encoders, RegionTrainable, TrainSettings,
+from xmgie_core.region.train import (CHECKPOINT, PREDICTOR, TERMS, Encoders, RegionTrainable, TrainSettings,
                                      region_config, step_terms, train)
+from xmgie_core.training import LOG
 
 STEPS = 600
 """Learning-test steps: about 13 s on 2 idle CPU cores."""

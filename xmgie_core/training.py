@@ -13,6 +13,7 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import Dataset, DistributedSampler
 
 from .errors import XMGIEInputError
 
@@ -200,3 +201,57 @@ def run_cli(body: Callable[[], None]) -> int:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def epoch_sampler(dataset: Dataset, batch_size: int, seed: int) -> tuple[DistributedSampler, int]:
+    """This process's shuffled share of the data (seeded, the same on every rank) and its batches per epoch."""
+    rank, world = distributed()
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    per_epoch = len(sampler) // batch_size
+    if per_epoch < 1:
+        raise XMGIEInputError(f"{len(dataset)} records are too few for --batch-size {batch_size} on {world} "
+                              f"process(es); give at least {batch_size * world} records or a smaller batch.")
+    return sampler, per_epoch
+
+
+def remaining_batches(sampler: DistributedSampler, position: Position, batch_size: int, per_epoch: int,
+                      steps: int) -> list[list[int]]:
+    """The batches (record indices) left in the current epoch from the data position, no more than `steps` needs:
+    a resumed run continues with exactly the batches the interrupted one would have seen."""
+    sampler.set_epoch(position.epoch)
+    order = list(sampler)
+    todo = [order[i * batch_size:(i + 1) * batch_size] for i in range(position.batch, per_epoch)]
+    return todo[:steps - position.step]
+
+
+class StepLog:
+    """Rank 0's bookkeeping per step: one log.jsonl line with every term, running means in the progress bar, and
+    whether a checkpoint is due."""
+
+    def __init__(self, out: Path, terms: tuple[str, ...], short: dict[str, str], steps: int, save_every: int,
+                 start: int, desc: str, writer: bool, digits: int = 3):
+        from tqdm import tqdm
+
+        self.out, self.terms, self.short, self.steps, self.save_every = out, terms, short, steps, save_every
+        self.writer, self.digits = writer, digits
+        if writer:
+            out.mkdir(parents=True, exist_ok=True)
+            keep_log_until(out / LOG, start)
+        self.bar = tqdm(total=steps, initial=start, desc=desc, disable=not writer)
+        self.running: dict[str, float] = {}
+
+    def record(self, position: Position, values: list[float], seconds: float, **extra: Any) -> bool:
+        """Log a finished step; True when a checkpoint is due (every save_every steps and at the end)."""
+        if not self.writer:
+            return False
+        line = {"step": position.step, "epoch": position.epoch, **dict(zip(self.terms, values)), **extra,
+                "seconds": seconds}
+        with (self.out / LOG).open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        self.running = {k: 0.9 * self.running.get(k, v) + 0.1 * v for k, v in zip(self.terms, values)}
+        self.bar.set_postfix({self.short[k]: f"{self.running[k]:.{self.digits}f}" for k in self.short}, refresh=False)
+        self.bar.update()
+        return position.step % self.save_every == 0 or position.step == self.steps
+
+    def close(self) -> None:
+        self.bar.close()

@@ -46,13 +46,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..errors import XMGIEInputError
 from ..image_io import check_out_dir, load_image
-from ..training import (CHECKPOINT, LOG, Position, checkpoint_to_resume, distributed, field_error, keep_log_until,
-                        load_checkpoint, mean_over_ranks, read_jsonl, resolve, run_cli, run_signature, save_checkpoint,
-                        setup_distributed)
+from ..training import (CHECKPOINT, Position, StepLog, checkpoint_to_resume, distributed, epoch_sampler, field_error,
+                        load_checkpoint, mean_over_ranks, read_jsonl, remaining_batches, resolve, run_cli,
+                        run_signature, save_checkpoint, setup_distributed)
 from .edit_head import NUM_IMG_TOKENS, EditMapper, mgie_conditioning
 from .folder import ADDED_TOKENS, CONVERT_HINT, load_mgie_folder, save_mgie_folder
 from .llava import MGIE, img_position, mgie_prompt
@@ -730,7 +730,6 @@ def train(records: list[MGIERecord], models: Models, out: Path, settings: MGIETr
     Seeded; under torchrun (a process group initialised) the data is sharded with DistributedSampler, the trained
     module DDP-wrapped, and only rank 0 writes. `resume`: True for <out>/checkpoint.safetensors, or a checkpoint.
     The models are changed in place: at the end the LLM holds the trained [IMG] rows and merged LoRA."""
-    from tqdm import tqdm
 
     device = torch.device(device)
     out = check_out_dir(Path(out))
@@ -741,12 +740,7 @@ def train(records: list[MGIERecord], models: Models, out: Path, settings: MGIETr
     dataset = MGIEDataset(records, mgie, settings.resolution, data_source)
     run = {"trainer": "xmgie-mgie-train", **settings.signature(), **models.names, "world_size": world,
            "data": data_digest(records)}
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed,
-                                 drop_last=True)
-    per_epoch = len(sampler) // settings.batch_size
-    if per_epoch < 1:
-        raise XMGIEInputError(f"{len(dataset)} records are too few for --batch-size {settings.batch_size} on {world} "
-                              f"process(es); give at least {settings.batch_size * world} records or a smaller batch.")
+    sampler, per_epoch = epoch_sampler(dataset, settings.batch_size, settings.seed)
 
     torch.manual_seed(settings.seed)
     trainables = build_trainables(mgie, models.unet, settings)
@@ -760,17 +754,10 @@ def train(records: list[MGIERecord], models: Models, out: Path, settings: MGIETr
     scheduler = noise_scheduler()
     pad = mgie.tokenizer.eos_token_id  # never an <im_patch> or [IMG] id; padded positions are masked anyway
     writer = rank == 0
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        keep_log_until(out / LOG, position.step)
-    bar = tqdm(total=settings.steps, initial=position.step, desc="MGIE", disable=not writer)
-    running: dict[str, float] = {}
+    log = StepLog(out, TERMS, SHORT, settings.steps, settings.save_every, position.step, "MGIE", writer, digits=4)
     while position.step < settings.steps:
-        sampler.set_epoch(position.epoch)
-        order = list(sampler)
-        todo = [order[i * settings.batch_size:(i + 1) * settings.batch_size] for i in range(position.batch, per_epoch)]
-        loader = DataLoader(dataset, batch_sampler=todo[:settings.steps - position.step],
-                            collate_fn=lambda items: collate(items, pad),
+        batches = remaining_batches(sampler, position, settings.batch_size, per_epoch, settings.steps)
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=lambda items: collate(items, pad),
                             generator=torch.Generator().manual_seed(position.step))  # not the global RNG
         for batch in loader:
             began = time.perf_counter()
@@ -787,18 +774,9 @@ def train(records: list[MGIERecord], models: Models, out: Path, settings: MGIETr
             values = mean_over_ranks(torch.stack([terms[k].detach().float().to(device) for k in TERMS]),
                                      world).tolist()
             position = position.advanced(per_epoch)
-            if not writer:
-                continue
-            record = {"step": position.step, "epoch": position.epoch, **dict(zip(TERMS, values)),
-                      "lr": settings.lr, "seconds": time.perf_counter() - began}
-            with (out / LOG).open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in zip(TERMS, values)}
-            bar.set_postfix({SHORT[k]: f"{running[k]:.4f}" for k in SHORT}, refresh=False)
-            bar.update()
-            if position.step % settings.save_every == 0 or position.step == settings.steps:
+            if log.record(position, values, time.perf_counter() - began, lr=settings.lr):
                 save_checkpoint(out / CHECKPOINT, trainables, optimizer, position, run, CHECKPOINT_FORMAT)
-    bar.close()
+    log.close()
     write_back(mgie, trainables, handles)
     if not writer:
         return TrainResult(None, None, position.step)

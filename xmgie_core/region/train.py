@@ -29,12 +29,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from ..errors import XMGIEInputError
 from ..image_io import check_out_dir
-from ..training import (CHECKPOINT, LOG, Position, checkpoint_to_resume, distributed, keep_log_until,
-                        load_checkpoint, mean_over_ranks, run_cli, run_signature, save_checkpoint, setup_distributed)
+from ..training import (CHECKPOINT, Position, StepLog, checkpoint_to_resume, distributed, epoch_sampler,
+                        load_checkpoint, mean_over_ranks, remaining_batches, run_cli, run_signature, save_checkpoint,
+                        setup_distributed)
 from .data import RegionDataset, collate, read_records
 from .encoders import ImageEncoder, InstructionEncoder, TextEncoder, load_clip_encoders, load_t5_instruction_encoder
 from .losses import (LossWeights, SemanticProjection, clip_directional_loss, clip_global_loss, clip_loss,
@@ -166,7 +167,6 @@ def train(dataset: RegionDataset, encoders: Encoders, out: Path, settings: Train
 
     Seeded; under torchrun (a process group initialised) it shards the data with DistributedSampler, DDP-wraps the
     trained modules and only rank 0 writes. `resume`: True for <out>/checkpoint.safetensors, or a checkpoint path."""
-    from tqdm import tqdm
 
     device = torch.device(device)
     out = check_out_dir(Path(out))
@@ -176,12 +176,7 @@ def train(dataset: RegionDataset, encoders: Encoders, out: Path, settings: Train
     run = {**settings.signature(), "config": config.to_json(), "joint_dim": joint_dim, "world_size": world,
            "data": data_digest(dataset)}
 
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed,
-                                 drop_last=True)
-    per_epoch = len(sampler) // settings.batch_size
-    if per_epoch < 1:
-        raise XMGIEInputError(f"{len(dataset)} records are too few for --batch-size {settings.batch_size} on {world} "
-                              f"process(es); give at least {settings.batch_size * world} records or a smaller batch.")
+    sampler, per_epoch = epoch_sampler(dataset, settings.batch_size, settings.seed)
 
     torch.manual_seed(settings.seed)
     model = RegionTrainable(config, joint_dim).to(device)
@@ -190,18 +185,12 @@ def train(dataset: RegionDataset, encoders: Encoders, out: Path, settings: Train
     trained = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     writer = rank == 0
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        keep_log_until(out / LOG, position.step)
-    bar = tqdm(total=settings.steps, initial=position.step, desc="region predictor", disable=not writer)
-    running: dict[str, float] = {}
+    log = StepLog(out, TERMS, SHORT, settings.steps, settings.save_every, position.step, "region predictor", writer)
     model.train()
     while position.step < settings.steps:
-        sampler.set_epoch(position.epoch)
-        order = list(sampler)
-        todo = [order[i * settings.batch_size:(i + 1) * settings.batch_size] for i in range(position.batch, per_epoch)]
-        loader = DataLoader(dataset, batch_sampler=todo[:settings.steps - position.step], collate_fn=collate,
-                            num_workers=settings.workers, generator=torch.Generator().manual_seed(position.step))
+        batches = remaining_batches(sampler, position, settings.batch_size, per_epoch, settings.steps)
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=settings.workers,
+                            generator=torch.Generator().manual_seed(position.step))
         for batch in loader:
             began = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
@@ -210,18 +199,9 @@ def train(dataset: RegionDataset, encoders: Encoders, out: Path, settings: Train
             optimizer.step()
             values = mean_over_ranks(torch.stack([terms[k].detach() for k in TERMS]), world).tolist()
             position = position.advanced(per_epoch)
-            if not writer:
-                continue
-            record = {"step": position.step, "epoch": position.epoch, **dict(zip(TERMS, values)),
-                      "seconds": time.perf_counter() - began}
-            with (out / LOG).open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in zip(TERMS, values)}
-            bar.set_postfix({SHORT[k]: f"{running[k]:.3f}" for k in SHORT}, refresh=False)
-            bar.update()
-            if position.step % settings.save_every == 0 or position.step == settings.steps:
+            if log.record(position, values, time.perf_counter() - began):
                 save_checkpoint(out / CHECKPOINT, model, optimizer, position, run, CHECKPOINT_FORMAT)
-    bar.close()
+    log.close()
     path = out / PREDICTOR
     if writer:
         meta = {"steps": str(position.step), "loss_weights": json.dumps(asdict(settings.weights)),
