@@ -11,6 +11,7 @@ from ..xmgie_core.errors import XMGIEInputError
 from ..xmgie_core.instruction.local import GenerationSettings, local_plan
 from ..xmgie_core.instruction.rules import rules_plan
 from ..xmgie_core.validation import check_image
+from .devices import device_and_dtype, free_device_cache
 from .model_folders import find_model_folder
 
 BACKENDS = ("rules", "local model")
@@ -20,25 +21,6 @@ LLM_FOLDER = "LLM"
 def llm_folder(name: str) -> Path:
     """A model folder: an absolute path, or a folder name under ComfyUI's models/LLM."""
     return find_model_folder(name, (LLM_FOLDER,), "The local model backend", "Qwen2.5-VL-3B-Instruct")
-
-
-def device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    """ComfyUI's text-encoder device and a half dtype where it supports one; CPU float32 outside ComfyUI."""
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return torch.device("cpu"), torch.float32
-    device = mm.text_encoder_device()
-    return device, (torch.float16 if mm.should_use_fp16(device) else torch.float32)
-
-
-def free_device_cache() -> None:
-    """Hand the freed model's memory back to the device (ComfyUI's soft_empty_cache) when inside ComfyUI."""
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return
-    mm.soft_empty_cache()
 
 
 class XMGIEInstruction:

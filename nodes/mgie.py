@@ -9,22 +9,9 @@ import torch
 from ..xmgie_core.errors import XMGIEInputError
 from ..xmgie_core.mgie.folder import cached_mgie, unload_mgie
 from ..xmgie_core.validation import check_image
-from .instruction import free_device_cache
+from .devices import device_and_dtype, free_device_cache
 from .model_folders import find_model_folder
 from .progress import comfy_progress
-
-
-def mgie_device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    """ComfyUI's text-encoder device in bf16 or fp16 where it supports them (a 7B LLaMA in fp32 needs 28 GB), else
-    fp32; CPU fp32 outside ComfyUI."""
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return torch.device("cpu"), torch.float32
-    device = mm.text_encoder_device()
-    if mm.should_use_bf16(device):
-        return device, torch.bfloat16
-    return device, (torch.float16 if mm.should_use_fp16(device) else torch.float32)
 
 
 class XMGIEMGIEGuidance:
@@ -74,7 +61,7 @@ class XMGIEMGIEGuidance:
         if not instruction.strip():
             raise XMGIEInputError("The instruction is empty: write the edit, e.g. 'give the man a red scarf'.")
         folder = find_model_folder(model_folder, ("LLM",), "The MGIE Guidance node", "mgie-7b")
-        device, dtype = mgie_device_and_dtype()
+        device, dtype = device_and_dtype(bf16=True)  # a 7B LLaMA in fp32 needs 28 GB
         progress = comfy_progress()
         try:
             mgie = cached_mgie(folder, device, dtype)

@@ -17,7 +17,7 @@ from ..xmgie_core.region.predictor import load_predictor
 from ..xmgie_core.region.preview import region_preview
 from ..xmgie_core.tokens import parse_words
 from ..xmgie_core.validation import check_image
-from .instruction import device_and_dtype, free_device_cache
+from .devices import device_and_dtype, free_device_cache
 from .model_folders import find_model_file, find_model_folder, model_file_names
 from .progress import comfy_progress
 
