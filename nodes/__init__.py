@@ -1,5 +1,6 @@
 """ComfyUI nodes: one module per technique, each a thin wrapper over xmgie_core."""
 
+from .crop_stitch import XMGIECropForEdit, XMGIEStitchEdit
 from .cross_attention_mask import XMGIECrossAttentionMask
 from .gb_compositor import XMGIEGBCompositor
 from .identity import XMGIEIdentityScore, XMGIEIDEmbedder
@@ -15,6 +16,8 @@ NODE_CLASS_MAPPINGS = {
     "XMGIERegionPredictor": XMGIERegionPredictor,
     "XMGIEMGIEGuidance": XMGIEMGIEGuidance,
     "XMGIEGBCompositor": XMGIEGBCompositor,
+    "XMGIECropForEdit": XMGIECropForEdit,
+    "XMGIEStitchEdit": XMGIEStitchEdit,
     "XMGIECrossAttentionMask": XMGIECrossAttentionMask,
     "XMGIEPFBSampler": XMGIEPFBSampler,
     "XMGIEPFBGuider": XMGIEPFBGuider,
@@ -27,6 +30,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "XMGIERegionPredictor": "XMGIE Region Predictor",
     "XMGIEMGIEGuidance": "XMGIE MGIE Guidance",
     "XMGIEGBCompositor": "XMGIE GB Compositor",
+    "XMGIECropForEdit": "XMGIE Crop For Edit",
+    "XMGIEStitchEdit": "XMGIE Stitch Edit",
     "XMGIECrossAttentionMask": "XMGIE Cross-Attention Mask",
     "XMGIEPFBSampler": "XMGIE PFB Sampler",
     "XMGIEPFBGuider": "XMGIE PFB Guider",

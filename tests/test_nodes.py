@@ -16,7 +16,7 @@ def test_every_node_is_mapped_with_a_display_name(pack):
         assert display.startswith("XMGIE ")
 
 
-@pytest.mark.parametrize("name", ["XMGIEGBCompositor", "XMGIECrossAttentionMask", "XMGIEPFBSampler", "XMGIEPFBGuider",
+@pytest.mark.parametrize("name", ["XMGIEGBCompositor", "XMGIECropForEdit", "XMGIEStitchEdit", "XMGIECrossAttentionMask", "XMGIEPFBSampler", "XMGIEPFBGuider",
                                   "XMGIEInstruction", "XMGIEIDEmbedder", "XMGIEIdentityScore", "XMGIERegionPredictor",
                                   "XMGIEMGIEGuidance"])
 def test_node_contract(pack, name):
