@@ -1,0 +1,109 @@
+"""The whole edit in a real ComfyUI: the bundled xmgie_edit (Instruction -> Region Predictor -> Crop For Edit -> CAM
+-> PFB -> VAEDecode -> Stitch Edit -> GB) and xmgie_edit_face (+ ID Embedders, face protection, best-of-N, Identity
+Score) on the tiny checkpoint, serverless and over HTTP: the saved photo has the input's size and is the source bit
+for bit far outside the predicted region; a photo larger than the working size goes through the crop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+import comfy_harness as harness
+
+EDIT = "api/xmgie_edit.json"
+FACE = "api/xmgie_edit_face.json"
+
+
+def test_edit_workflow_wiring():
+    prompt = harness.load_workflow(EDIT)
+    region_id, _ = harness.node_of(prompt, "XMGIERegionPredictor")
+    crop_id, crop = harness.node_of(prompt, "XMGIECropForEdit")
+    load_id, _ = harness.node_of(prompt, "LoadImage")
+    assert crop["inputs"]["image"] == [load_id, 0] and crop["inputs"]["mask"] == [region_id, 0]
+    for cls in ("XMGIECrossAttentionMask", "XMGIEPFBSampler"):  # they work on the crop
+        assert harness.node_of(prompt, cls)[1]["inputs"]["mask"] == [crop_id, 1]
+    assert harness.node_of(prompt, "VAEEncode")[1]["inputs"]["pixels"] == [crop_id, 0]
+    stitch_id, stitch = harness.node_of(prompt, "XMGIEStitchEdit")
+    assert stitch["inputs"]["crop"] == [crop_id, 2] and stitch["inputs"]["source"] == [load_id, 0]
+    _, gb = harness.node_of(prompt, "XMGIEGBCompositor")  # ... and GB on the full photo with the full mask
+    assert (gb["inputs"]["edited"], gb["inputs"]["mask"], gb["inputs"]["source"]) == \
+        ([stitch_id, 0], [region_id, 0], [load_id, 0])
+    (instr_id, _), (_, cam) = harness.node_of(prompt, "XMGIEInstruction"), harness.node_of(prompt, "XMGIECrossAttentionMask")
+    assert (cam["inputs"]["prompt"], cam["inputs"]["edit_words"]) == ([instr_id, 2], [instr_id, 3])
+
+
+def test_face_workflow_wiring():
+    prompt = harness.load_workflow(FACE)
+    crop_id, _ = harness.node_of(prompt, "XMGIECropForEdit")
+    _, pfb = harness.node_of(prompt, "XMGIEPFBSampler")
+    embedders = {nid: n for nid, n in prompt.items() if n["class_type"] == "XMGIEIDEmbedder"}
+    protect = prompt[pfb["inputs"]["id_embed"][0]]
+    assert protect["inputs"]["image"] == [crop_id, 0], "faces to protect must be found on the crop PFB edits"
+    assert pfb["inputs"]["candidates"] > 1 and "vae" in pfb["inputs"]
+    _, score = harness.node_of(prompt, "XMGIEIdentityScore")
+    gb_id, _ = harness.node_of(prompt, "XMGIEGBCompositor")
+    scored = prompt[score["inputs"]["source"][0]]
+    assert len(embedders) == 2 and scored["inputs"]["image"] == ["1", 0] and score["inputs"]["edited"] == [gb_id, 0]
+
+
+def tiny_edit_prompt(name: str, checkpoint: str, seed: int, image: str | None = None) -> dict:
+    prompt = harness.load_workflow(name)
+    harness.node_of(prompt, "CheckpointLoaderSimple")[1]["inputs"]["ckpt_name"] = checkpoint
+    harness.node_of(prompt, "XMGIEPFBSampler")[1]["inputs"].update(steps=2, seed=seed)
+    harness.node_of(prompt, "XMGIERegionPredictor")[1]["inputs"].update(draws=2, seed=seed)
+    if image:
+        harness.node_of(prompt, "LoadImage")[1]["inputs"]["image"] = image
+    for node in prompt.values():
+        if node["class_type"] == "XMGIEIDEmbedder":
+            node["inputs"]["backend"] = "dlib"  # no insightface pack on this machine
+    return prompt
+
+
+def run_and_check(runner, prompt: dict, prefix: str, source: np.ndarray) -> tuple[harness.PromptRun, np.ndarray]:
+    """Run with the Region Predictor's mask saved too; the photo must be the source far outside that region."""
+    save_id, save = harness.node_of(prompt, "SaveImage")
+    save["inputs"]["filename_prefix"] = prefix
+    region_id, _ = harness.node_of(prompt, "XMGIERegionPredictor")
+    prompt["90"] = {"class_type": "MaskToImage", "inputs": {"mask": [region_id, 0]}}
+    prompt["91"] = {"class_type": "SaveImage", "inputs": {"images": ["90", 0], "filename_prefix": prefix + "_mask"}}
+    run = runner.run(prompt)
+    outs = [runner.read_image(image) for image in run.images(save_id)]
+    region = runner.read_image(run.images("91")[0])[..., 0] >= 128
+    assert region.any() and not region.all(), "the predicted region is empty or full"
+    far = ndimage.distance_transform_edt(~region) > 17  # edge_width 16 + 1
+    for out in outs:
+        assert out.shape == source.shape
+        problem = harness.pixel_mismatch(out, source, far)
+        assert not problem, f"far outside the predicted region the result is not the source: {problem}"
+    assert any((region & (out != source).any(axis=-1)).any() for out in outs), "the edit did not arrive"
+    return run, outs[0]
+
+
+def test_edit_workflow_runs(runner, tiny_checkpoint):
+    prompt = tiny_edit_prompt(EDIT, tiny_checkpoint.name, 5 if runner.name == "http" else 6)
+    harness.provide_images_and_prefix(runner, prompt, "unused")
+    source = np.array(Image.open(harness.ASSETS_DIR / "xmgie_astronaut_source.png").convert("RGB"))
+    run_and_check(runner, prompt, f"xmgie_edit_{runner.name}", source)
+
+
+def test_edit_workflow_on_a_photo_larger_than_the_working_size(serverless_runner, tiny_checkpoint, tmp_path):
+    big = Image.open(harness.ASSETS_DIR / "xmgie_astronaut_source.png").convert("RGB").resize((1536, 1152),
+                                                                                                Image.LANCZOS)
+    path = tmp_path / "xmgie_large_photo.png"
+    big.save(path)
+    name = serverless_runner.provide_input(path)
+    prompt = tiny_edit_prompt(EDIT, tiny_checkpoint.name, 7, image=name)
+    run_and_check(serverless_runner, prompt, "xmgie_edit_large", np.array(big))
+
+
+def test_face_workflow_runs_and_scores_every_candidate(runner, tiny_checkpoint):
+    prompt = tiny_edit_prompt(FACE, tiny_checkpoint.name, 8 if runner.name == "http" else 9)
+    harness.node_of(prompt, "XMGIEPFBSampler")[1]["inputs"]["candidates"] = 2
+    harness.provide_images_and_prefix(runner, prompt, "unused")
+    source = np.array(Image.open(harness.ASSETS_DIR / "xmgie_astronaut_source.png").convert("RGB"))
+    run, _ = run_and_check(runner, prompt, f"xmgie_edit_face_{runner.name}", source)
+    score_id, _ = harness.node_of(prompt, "XMGIEIdentityScore")
+    (report,) = run.outputs[score_id]["text"]
+    assert "image 0: IPS" in report and "image 1: IPS" in report and "[dlib" in report, report
