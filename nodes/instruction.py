@@ -58,7 +58,7 @@ class XMGIEInstruction:
                             "note, when its answer is malformed)."}),
                 "model_folder": ("STRING", {"default": "", "tooltip": "local model: a folder under ComfyUI/models/LLM "
                                  "(e.g. Qwen2.5-VL-3B-Instruct) or an absolute path; safetensors only."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "local model: seed of sampling (with temperature > 0)."}),
                 "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.05,
                                           "tooltip": "local model: 0 = greedy (deterministic)."}),

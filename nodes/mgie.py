@@ -46,7 +46,8 @@ class XMGIEMGIEGuidance:
                                            "tooltip": "The edit, in plain words."}),
                 "model_folder": ("STRING", {"default": "mgie-7b", "tooltip": "The converted MGIE folder under "
                                  "ComfyUI/models/LLM (or an absolute path)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed of generation "
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Seed of generation "
                                  "(ml-mgie decodes greedily, so it only matters for reproducibility of ties)."}),
                 "max_new_tokens": ("INT", {"default": 96, "min": 9, "max": 512, "tooltip": "The longest answer "
                                    "(ml-mgie: 96); it must leave room for the 8 [IMG] tokens."}),

@@ -216,3 +216,13 @@ def test_sample_images_regenerate_from_make_samples():
     alpha = stored[..., 3]
     assert set(np.unique(alpha)) == {0, 255}, "alpha must be 0 (edit) or 255 (keep)"
     assert (stored[..., :3] != source).any(axis=-1)[alpha == 0].mean() > 0.99, "edit region is not visibly edited"
+
+
+def test_seed_inputs_declare_their_control_widget(pack):
+    """ComfyUI's frontend adds a 'control after generate' widget after every INT input named seed or noise_seed,
+    declared or not; undeclared, every saved widget value after it would land in the wrong widget."""
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        for section in ("required", "optional"):
+            for inp, (kind, *opts) in cls.INPUT_TYPES().get(section, {}).items():
+                if kind == "INT" and inp in ("seed", "noise_seed"):
+                    assert (opts[0] if opts else {}).get("control_after_generate"), f"{name}.{inp}"
