@@ -4,6 +4,8 @@ or without trained weights (DiffEdit noise difference, the edit words' cross-att
 from __future__ import annotations
 
 import logging
+import os
+import random
 from collections import OrderedDict
 
 import torch
@@ -84,6 +86,31 @@ def working_latent(vae, image: torch.Tensor) -> torch.Tensor:
     return vae.encode(pixels)
 
 
+def preview_ui_images(preview: torch.Tensor, prefix: str = "xmgie_region") -> list[dict]:
+    """Save the preview into ComfyUI's temp folder exactly as its PreviewImage node does (PNG, compress level 1,
+    a random '_temp_xxxxx' suffix, folder_paths.get_save_image_path's counter) and return the node's ui "images"
+    entries {"filename", "subfolder", "type": "temp"}, which the frontend draws on the node. Outside ComfyUI
+    (folder_paths not importable) nothing is saved: []."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    import numpy as np
+    from PIL import Image
+
+    prefix += "_temp_" + "".join(random.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5))
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+        prefix, folder_paths.get_temp_directory(), preview.shape[2], preview.shape[1])
+    entries = []
+    for batch_number, picture in enumerate(preview):
+        pixels = np.clip(255.0 * picture.detach().float().cpu().numpy(), 0, 255).astype(np.uint8)
+        name = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
+        Image.fromarray(pixels).save(os.path.join(folder, name), compress_level=1)
+        entries.append({"filename": name, "subfolder": subfolder, "type": "temp"})
+        counter += 1
+    return entries
+
+
 class XMGIERegionPredictor:
     """Predict the edit region: MASK, the soft probability map and a preview."""
 
@@ -128,7 +155,7 @@ class XMGIERegionPredictor:
                 "smoothing": ("FLOAT", {"default": 0.0, "min": SMOOTH_RANGE[0], "max": SMOOTH_RANGE[1], "step": 0.5,
                                         "tooltip": "Gaussian sigma in pixels applied to the soft map before "
                                                    "thresholding; 0 = none."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "noise-difference, attention: seed of the noise draws."}),
                 "draws": ("INT", {"default": DRAWS, "min": 1, "max": 64, "tooltip": "noise-difference: noise draws "
                               "averaged into the map, spread over strength +- 0.1 (DiffEdit uses 10)."}),
@@ -174,8 +201,9 @@ class XMGIERegionPredictor:
             warning = (f"The predicted region is empty for image(s) {empty}: nothing will be edited there. Lower the "
                        "threshold, check the words/descriptions, or try another mode.")
             LOG.warning("xMGIE Region Predictor: %s", warning)
-        return {"ui": {"xmgie_warning": [warning] if warning else []},
-                "result": (mask, soft, region_preview(image, mask, soft))}
+        preview = region_preview(image, mask, soft)
+        return {"ui": {"images": preview_ui_images(preview), "xmgie_warning": [warning] if warning else []},
+                "result": (mask, soft, preview)}
 
     def score(self, image, mode, instruction, target, source, words, seed, draws, steps, strength, model, clip, vae,
               clip_vision, predictor, t5_folder, scales, clipseg_folder, keep_loaded) -> torch.Tensor:

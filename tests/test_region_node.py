@@ -81,3 +81,27 @@ def test_working_size_keeps_aspect_in_multiples_of_64(pack):
     assert size(3000, 4000) == (384, 512)
     assert size(512, 512) == (512, 512)
     assert size(100, 30) == (128, 64)
+
+
+def test_preview_is_saved_for_the_node_as_preview_image_does(pack, tmp_path, monkeypatch):
+    """With ComfyUI's folder_paths, the preview goes to its temp folder and the ui entries name the files."""
+    import sys
+    import types
+
+    import numpy as np
+    from PIL import Image
+
+    from xmgie_pack.nodes.region_predictor import preview_ui_images
+
+    def get_save_image_path(prefix, folder, width, height):
+        return str(tmp_path), prefix, 1, "", prefix
+
+    fake = types.SimpleNamespace(get_temp_directory=lambda: str(tmp_path), get_save_image_path=get_save_image_path)
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    preview = torch.rand(2, 24, 32, 3)
+    entries = preview_ui_images(preview)
+    assert [e["type"] for e in entries] == ["temp", "temp"] and entries[0]["filename"] != entries[1]["filename"]
+    for entry, picture in zip(entries, preview):
+        saved = np.array(Image.open(tmp_path / entry["filename"]))
+        assert saved.shape == (24, 32, 3)
+        assert np.abs(saved.astype(float) - picture.numpy() * 255).max() <= 1.0

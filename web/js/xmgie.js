@@ -3,7 +3,11 @@
 // encoded prompt ('positive') feeds no sampler (the sampler would then never see the masked prompt).
 // After a run, a node that reports a warning (`xmgie_warning` in its UI output, e.g. the Region
 // Predictor finding an empty region) shows it in its title and, in full, in its tooltip-like description.
+// A node that reports text (`text` in its UI output: the Identity Score's IPS report) shows it in a read-only
+// multiline widget, created on the first run and updated on every later one. Images a node reports (the Region
+// Predictor's preview, ComfyUI's `images` UI key) are drawn on the node by the frontend itself.
 import { app } from "../../../scripts/app.js";
+import { ComfyWidgets } from "../../../scripts/widgets.js";
 
 const COLOR = "#2b3a55";
 const BGCOLOR = "#1d2638";
@@ -20,6 +24,30 @@ const WARNINGS = {
     return positive && !(positive.links?.length) ? "connect positive" : null;
   },
 };
+
+const REPORT_WIDGET = "xmgie_report";
+const SHOWS_TEXT = new Set(["XMGIEIdentityScore"]);
+
+function showText(node, lines) {
+  let widget = node.widgets?.find((w) => w.name === REPORT_WIDGET);
+  if (!widget) {
+    widget = ComfyWidgets.STRING(node, REPORT_WIDGET, ["STRING", { multiline: true }], app).widget;
+    widget.label = "report";
+    widget.serialize = false; // not saved in the workflow: it is this run's result, not a setting
+    widget.options.serialize = false; // nor sent as an input with the prompt
+    if (widget.inputEl) {
+      widget.inputEl.readOnly = true;
+      widget.inputEl.style.opacity = 0.8;
+      widget.inputEl.placeholder = "";
+    }
+  }
+  widget.value = lines.join("\n");
+  requestAnimationFrame(() => {
+    const size = node.computeSize();
+    node.setSize?.([Math.max(size[0], node.size[0]), Math.max(size[1], node.size[1])]);
+    node.setDirtyCanvas?.(true, true);
+  });
+}
 
 function refreshWarning(node, check) {
   const base = node.xmgieTitle ?? node.title;
@@ -57,6 +85,9 @@ app.registerExtension({
       this.title = warning ? `${base} (warning: see log)` : base;
       this.xmgieWarning = warning ?? null;
       this.bgcolor = warning ? WARN_BGCOLOR : BGCOLOR;
+      if (SHOWS_TEXT.has(nodeData.name) && message?.text != null) {
+        showText(this, [].concat(message.text).map(String));
+      }
       this.setDirtyCanvas?.(true, true);
       return r;
     };
