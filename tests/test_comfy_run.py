@@ -1,0 +1,599 @@
+"""`python -m xmgie_core.comfy_run` without ComfyUI: the overrides on the bundled API workflows, image expansion,
+the websocket message handling on recorded sequences (COMFY_HOST.md 6.4), and the whole client against a small
+fake ComfyUI (HTTP + a minimal websocket endpoint) served in-process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import email.parser
+import email.policy
+import hashlib
+import io
+import json
+import queue
+import select
+import socket
+import struct
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from PIL import Image
+
+from xmgie_core import comfy_run as cr
+
+API = Path(cr.API_DIR)
+ASSETS = Path(cr.ASSETS_DIR)
+SOURCE, MASK = "xmgie_astronaut_source.png", "xmgie_astronaut_edit.png"
+
+
+def bundled(name: str) -> dict:
+    return json.loads((API / f"{name}.json").read_text())
+
+
+def literal_changes(before: dict, after: dict) -> dict[tuple[str, str], object]:
+    """{(node id, input): new value} for every input that differs."""
+    assert before.keys() == after.keys()
+    return {(nid, key): after[nid]["inputs"][key] for nid in before for key in after[nid]["inputs"]
+            if before[nid]["inputs"].get(key) != after[nid]["inputs"][key]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Overrides on the real bundled workflows
+# --------------------------------------------------------------------------------------------------
+
+def test_every_bundled_workflow_has_one_source_loader_and_keeps_its_mask():
+    names = cr.bundled_workflows()
+    assert "xmgie_region_edit" in names and len(names) >= 5
+    for name in names:
+        prompt = bundled(name)
+        source = cr.find_source_loader(prompt, name)
+        assert prompt[source]["inputs"]["image"] == SOURCE, name
+        out = cr.set_source_image(prompt, "mine.png", name)
+        assert literal_changes(prompt, out) == {(source, "image"): "mine.png"}, name
+        others = cr.other_loader_images(prompt, source)
+        assert set(others.values()) <= {MASK}, name
+        companions = cr.companion_images(prompt, name, API / f"{name}.json")
+        assert companions == {n: ASSETS / n for n in others.values()}, name
+
+
+def test_instruction_reaches_every_literal_instruction_of_the_region_workflow():
+    prompt = bundled("xmgie_region_edit")
+    out = cr.set_instruction(prompt, "make the sky purple", "xmgie_region_edit")
+    targets = {(nid, "instruction") for nid, n in prompt.items()
+               if n["class_type"] in ("XMGIEInstruction", "XMGIERegionPredictor", "XMGIEMGIEGuidance")
+               and isinstance(n["inputs"].get("instruction"), str)}
+    assert {prompt[nid]["class_type"] for nid, _ in targets} == {"XMGIEInstruction", "XMGIERegionPredictor"}
+    assert literal_changes(prompt, out) == {t: "make the sky purple" for t in targets}
+    assert prompt["3"]["inputs"]["instruction"] == "give the astronaut a red scarf", "the input was modified"
+
+
+def test_instruction_reaches_mgie_guidance():
+    out = cr.set_instruction(bundled("xmgie_mgie_edit"), "add snow", "xmgie_mgie_edit")
+    assert [n["inputs"]["instruction"] for n in out.values() if n["class_type"] == "XMGIEMGIEGuidance"] == ["add snow"]
+
+
+def test_seed_and_steps_go_to_the_samplers_only():
+    prompt = bundled("xmgie_region_edit")
+    out = cr.apply_overrides(prompt, "xmgie_region_edit", seed=7, steps=3, checkpoint="tiny.safetensors")
+    pfb = next(nid for nid, n in prompt.items() if n["class_type"] == "XMGIEPFBSampler")
+    loader = next(nid for nid, n in prompt.items() if n["class_type"] == "CheckpointLoaderSimple")
+    # the Region Predictor's and the Instruction node's own seed / steps are not sampler settings
+    assert literal_changes(prompt, out) == {(pfb, "seed"): 7, (pfb, "steps"): 3, (loader, "ckpt_name"): "tiny.safetensors"}
+
+
+def test_seed_and_steps_of_the_custom_sampler_nodes():
+    prompt = bundled("xmgie_mgie_edit")
+    out = cr.apply_overrides(prompt, "xmgie_mgie_edit", seed=11, steps=4)
+    changed = {(prompt[nid]["class_type"], key): value for (nid, key), value in literal_changes(prompt, out).items()}
+    assert changed == {("RandomNoise", "noise_seed"): 11, ("BasicScheduler", "steps"): 4}
+    ks = cr.apply_overrides(bundled("xmgie_cam_edit"), "xmgie_cam_edit", seed=5, steps=2)
+    assert [(n["inputs"]["seed"], n["inputs"]["steps"]) for n in ks.values() if n["class_type"] == "KSampler"] == [(5, 2)]
+
+
+@pytest.mark.parametrize("workflow, override, flag", [
+    ("xmgie_gb_composite", {"seed": 1}, "--seed"),
+    ("xmgie_gb_composite", {"steps": 2}, "--steps"),
+    ("xmgie_gb_composite", {"checkpoint": "x.safetensors"}, "--checkpoint"),
+    ("xmgie_pfb_edit", {"instruction": "add a hat"}, "--instruction"),
+])
+def test_an_override_without_a_target_is_an_error_naming_the_workflow(workflow, override, flag):
+    with pytest.raises(cr.OverrideError) as e:
+        cr.apply_overrides(bundled(workflow), workflow, **override)
+    assert flag in str(e.value) and workflow in str(e.value)
+
+
+def test_linked_inputs_are_not_overridden():
+    prompt = {"1": {"class_type": "PrimitiveInt", "inputs": {"value": 3}},
+              "2": {"class_type": "KSampler", "inputs": {"seed": ["1", 0], "steps": 20}}}
+    with pytest.raises(cr.OverrideError, match="--seed: workflow w.json"):
+        cr.set_seed(prompt, 9, "w.json")
+    assert cr.set_steps(prompt, 2, "w.json")["2"]["inputs"] == {"seed": ["1", 0], "steps": 2}
+
+
+def test_companion_images_of_an_own_workflow(tmp_path):
+    prompt = bundled("xmgie_cam_edit")
+    prompt["2"]["inputs"]["image"] = "own_mask.png"
+    path = tmp_path / "own.json"
+    assert cr.companion_images(prompt, "own", path) == {"own_mask.png": None}  # not found here: ComfyUI must have it
+    write_png(tmp_path / "own_mask.png")
+    assert cr.companion_images(prompt, "own", path) == {"own_mask.png": tmp_path / "own_mask.png"}
+
+
+def test_source_loader_by_wiring_and_ambiguity():
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
+              "2": {"class_type": "LoadImage", "inputs": {"image": "b.png"}},
+              "3": {"class_type": "XMGIEGBCompositor", "inputs": {"edited": ["2", 0], "mask": ["2", 1], "source": ["1", 0]}}}
+    assert cr.find_source_loader(prompt, "w") == "1"
+    del prompt["3"]
+    with pytest.raises(cr.OverrideError, match="workflow w has 2 LoadImage nodes"):
+        cr.find_source_loader(prompt, "w")
+    with pytest.raises(cr.OverrideError, match="--image: workflow w has no LoadImage"):
+        cr.find_source_loader({"1": {"class_type": "SaveImage", "inputs": {}}}, "w")
+
+
+def test_resolve_and_load_workflows(tmp_path):
+    assert cr.resolve_workflow("xmgie_region_edit") == API / "xmgie_region_edit.json"
+    assert cr.resolve_workflow("xmgie_region_edit.json") == API / "xmgie_region_edit.json"
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps(bundled("xmgie_gb_composite")))
+    assert cr.load_workflow(cr.resolve_workflow(str(own))) == bundled("xmgie_gb_composite")
+    with pytest.raises(cr.UsageError, match="xmgie_region_edit"):  # lists the bundled names
+        cr.resolve_workflow("no_such_workflow")
+    ui = tmp_path / "ui.json"
+    ui.write_text((API.parent / "xmgie_region_edit.json").read_text())
+    with pytest.raises(cr.UsageError, match="UI-format"):
+        cr.load_workflow(ui)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(cr.UsageError, match="cannot read workflow"):
+        cr.load_workflow(bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# Images: files, folders, patterns
+# --------------------------------------------------------------------------------------------------
+
+def write_png(path: Path, size: tuple[int, int] = (16, 12)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (10, 20, 30)).save(path)
+    return path
+
+
+def test_expand_images(tmp_path, monkeypatch):
+    a, b = write_png(tmp_path / "d" / "b.png"), write_png(tmp_path / "d" / "a.png")
+    c = write_png(tmp_path / "d" / "sub" / "c.jpg")
+    (tmp_path / "d" / "notes.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    assert cr.expand_images(["d"]) == [Path("d/a.png"), Path("d/b.png")]  # sorted, images only, not recursive
+    assert cr.expand_images(["d/*.png", "d/a.png"]) == [Path("d/a.png"), Path("d/b.png")]  # no repeats
+    assert cr.expand_images(["d/**/*.jpg"]) == [Path("d/sub/c.jpg")]
+    assert cr.expand_images([str(c), str(a)]) == [c, a]  # explicit order kept
+    assert cr.expand_images(["d/notes.txt"]) == [Path("d/notes.txt")]  # a named file is taken as given
+    with pytest.raises(cr.UsageError, match="file not found: d/missing.png"):
+        cr.expand_images(["d/missing.png"])
+    with pytest.raises(cr.UsageError, match="no image file matches"):
+        cr.expand_images(["d/*.webp"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(cr.UsageError, match="folder empty holds no images"):
+        cr.expand_images(["empty"])
+    assert b.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Recorded websocket sequences and error texts
+# --------------------------------------------------------------------------------------------------
+
+def success_messages(prompt_id: str, prompt: dict, client_id: str = "c") -> list[dict]:
+    """The sequence ComfyUI 0.3.64 sends for one run (COMFY_HOST.md 6.4), around another prompt's noise."""
+    ids = list(prompt)
+    sampler = next((nid for nid, n in prompt.items() if "Sampler" in n["class_type"]), ids[-1])
+    msgs = [{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 1}}, "sid": client_id}},
+            {"type": "execution_start", "data": {"prompt_id": prompt_id, "timestamp": 1}},
+            {"type": "execution_cached", "data": {"nodes": ids[:1], "prompt_id": prompt_id, "timestamp": 2}},
+            {"type": "progress", "data": {"value": 1, "max": 9, "node": "77", "prompt_id": "someone-else"}},
+            {"type": "executing", "data": {"node": None, "prompt_id": "someone-else"}}]
+    for nid in ids[1:]:
+        msgs.append({"type": "progress_state", "data": {"prompt_id": prompt_id, "nodes": {nid: {"value": 0, "max": 1}}}})
+        msgs.append({"type": "executing", "data": {"node": nid, "display_node": nid, "prompt_id": prompt_id}})
+        if nid == sampler:
+            msgs += [{"type": "progress", "data": {"value": v, "max": 2, "node": nid, "prompt_id": prompt_id}}
+                     for v in (1, 2)]
+        msgs.append({"type": "executed", "data": {"node": nid, "display_node": nid, "output": {}, "prompt_id": prompt_id}})
+    return msgs + [{"type": "execution_success", "data": {"prompt_id": prompt_id, "timestamp": 3}},
+                   {"type": "executing", "data": {"node": None, "prompt_id": prompt_id}}]
+
+
+TRACEBACK = [f'  File "/comfy/frame{i}.py", line {i}, in f{i}\n    call{i}()\n    ^^^^^^^{"^" * len(str(i))}\n'
+             for i in range(12)]
+
+
+def error_message(prompt_id: str, node_id: str = "10", node_type: str = "XMGIEPFBSampler") -> dict:
+    return {"type": "execution_error", "data": {
+        "prompt_id": prompt_id, "node_id": node_id, "node_type": node_type, "executed": ["1", "2"],
+        "exception_message": "mat1 and mat2 shapes cannot be multiplied (77x768 and 1024x320)\n",
+        "exception_type": "RuntimeError", "traceback": TRACEBACK, "current_inputs": {}, "current_outputs": []}}
+
+
+class RecordingView:
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def node(self, node_id: str) -> None:
+        self.events.append(("node", node_id))
+
+    def step(self, value: int, maximum: int) -> None:
+        self.events.append(("step", value, maximum))
+
+
+def test_follow_a_successful_run():
+    prompt = bundled("xmgie_region_edit")
+    view = RecordingView()
+    cr.follow(iter(success_messages("p1", prompt)), "p1", view, prompt)
+    assert [e[1] for e in view.events if e[0] == "node"] == list(prompt)[1:]
+    assert ("step", 1, 2) in view.events and ("step", 2, 2) in view.events
+    assert all(e != ("step", 1, 9) for e in view.events), "another prompt's progress was shown"
+
+
+def test_follow_stops_at_the_end_of_its_prompt_and_raises_on_errors():
+    prompt = bundled("xmgie_region_edit")
+    messages = iter(success_messages("p1", prompt) + [error_message("p1")])
+    cr.follow(messages, "p1", None, prompt)
+    assert next(messages)["type"] == "execution_error", "follow read past the prompt's end"
+    with pytest.raises(cr.RunFailed) as e:
+        cr.follow(iter(success_messages("p1", prompt)[:8] + [error_message("p1")]), "p1", None, prompt)
+    text = str(e.value)
+    assert "node 10 (XMGIEPFBSampler)" in text and "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in text
+    assert "frame11.py" in text and "call11()" in text and "frame0.py" not in text  # only the last lines
+    assert "frame8.py" in text and "^^^" not in text  # 8 lines, without the caret lines
+    custom = error_message("p1", "3", "XMGIEInstruction")
+    custom["data"]["exception_type"] = "/comfy/custom_nodes/xmgie.xmgie_core.errors.XMGIEInputError"
+    assert cr.format_execution_error(custom["data"]).startswith(
+        "ComfyUI failed at node 3 (XMGIEInstruction): XMGIEInputError: mat1")
+    with pytest.raises(cr.RunFailed, match="interrupted the run at node 4"):
+        cr.follow(iter([{"type": "execution_interrupted", "data": {"prompt_id": "p1", "node_id": "4",
+                                                                    "node_type": "XMGIERegionPredictor"}}]), "p1")
+    with pytest.raises(cr.RunFailed, match="websocket closed before prompt p1 finished"):
+        cr.follow(iter(success_messages("p1", prompt)[:-1]), "p1")
+
+
+BAD_CHECKPOINT = {
+    "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+              "details": "", "extra_info": {}},
+    "node_errors": {"2": {"errors": [{"type": "value_not_in_list", "message": "Value not in list",
+                                      "details": "ckpt_name: 'bad.safetensors' not in ['tiny.safetensors']",
+                                      "extra_info": {"input_name": "ckpt_name"}}],
+                          "dependent_outputs": ["13", "5"], "class_type": "CheckpointLoaderSimple"},
+                    "10": {"errors": [{"type": "value_smaller_than_min", "message": "Value 0 smaller than min of 1",
+                                       "details": "steps", "extra_info": {}}],
+                           "dependent_outputs": ["13"], "class_type": "XMGIEPFBSampler"}}}
+
+
+def test_format_rejection():
+    text = cr.format_rejection(BAD_CHECKPOINT)
+    assert text.splitlines() == [
+        "ComfyUI rejected the prompt: Prompt outputs failed validation",
+        "  node 10 (XMGIEPFBSampler):",
+        "    - Value 0 smaller than min of 1: steps",
+        "  node 2 (CheckpointLoaderSimple):",
+        "    - Value not in list: ckpt_name: 'bad.safetensors' not in ['tiny.safetensors']"]
+    no_outputs = {"error": {"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": ""},
+                  "node_errors": []}
+    assert cr.format_rejection(no_outputs) == "ComfyUI rejected the prompt: Prompt has no outputs"
+
+
+def test_progress_view_on_a_terminal_and_in_a_log():
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    prompt = bundled("xmgie_region_edit")
+    tty = Tty()
+    view = cr.ProgressView("photo.png", prompt, tty)
+    view.node("10")
+    view.step(1, 4)
+    view.step(3, 4)
+    assert view.bar.total == 4 and view.bar.n == 3
+    view.node("11")
+    assert view.bar.total is None and view.bar.n == 0  # the next node starts without the sampler's count
+    view.close()
+    assert "photo.png: node 10 XMGIEPFBSampler" in tty.getvalue() and "3/4" in tty.getvalue()
+    log = io.StringIO()
+    view = cr.ProgressView("photo.png", prompt, log)
+    view.node("4")
+    view.step(1, 4)
+    view.close()
+    assert log.getvalue() == "photo.png: node 4 XMGIERegionPredictor\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# A fake ComfyUI on 127.0.0.1: the routes the command uses, and /ws
+# --------------------------------------------------------------------------------------------------
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def ws_frame(payload: bytes, opcode: int) -> bytes:
+    """One unmasked server-to-client websocket frame."""
+    n = len(payload)
+    head = bytes([0x80 | opcode]) + (bytes([n]) if n < 126 else
+                                      bytes([126]) + struct.pack(">H", n) if n < 1 << 16 else
+                                      bytes([127]) + struct.pack(">Q", n))
+    return head + payload
+
+
+def read_ws_frame(rfile) -> int:
+    """Read one (masked) client frame; returns its opcode."""
+    b1, b2 = rfile.read(2)
+    n = b2 & 0x7F
+    if n == 126:
+        n = struct.unpack(">H", rfile.read(2))[0]
+    elif n == 127:
+        n = struct.unpack(">Q", rfile.read(8))[0]
+    rfile.read((4 if b2 & 0x80 else 0) + n)
+    return b1 & 0x0F
+
+
+class FakeComfy:
+    """Records uploads and prompts; `plan(prompt, prompt_id)` returns (status, body, messages, outputs)."""
+
+    def __init__(self) -> None:
+        self.uploads: dict[str, bytes] = {}
+        self.upload_fields: list[dict] = []
+        self.prompts: list[dict] = []
+        self.history: dict[str, dict] = {}
+        self.files: dict[str, bytes] = {}
+        self.sockets: dict[str, queue.Queue] = {}
+        self.stop = threading.Event()
+        self.plan: Callable[[dict, str], tuple] = self.succeed
+        self.counter = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def reply(self, status: int, body: object, ctype: str = "application/json") -> None:
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                url = urlsplit(self.path)
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                if url.path == "/system_stats":
+                    self.reply(200, {"system": {"comfyui_version": "fake"}, "devices": []})
+                elif url.path == "/ws":
+                    fake.serve_websocket(self, query["clientId"])
+                elif url.path.startswith("/history/"):
+                    pid = url.path.rsplit("/", 1)[1]
+                    self.reply(200, {pid: fake.history[pid]} if pid in fake.history else {})
+                elif url.path == "/view" and query.get("filename") in fake.files:
+                    self.reply(200, fake.files[query["filename"]], "image/png")
+                else:
+                    self.reply(404, {"error": "not found"})
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path == "/upload/image":
+                    self.reply(200, fake.receive_upload(self.headers["Content-Type"], body))
+                elif self.path == "/prompt":
+                    status, answer = fake.receive_prompt(json.loads(body))
+                    self.reply(status, answer)
+                else:
+                    self.reply(404, {"error": "not found"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    # --- routes -----------------------------------------------------------------------------------
+
+    def receive_upload(self, ctype: str, body: bytes) -> dict:
+        message = email.parser.BytesParser(policy=email.policy.default).parsebytes(
+            b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + body)
+        fields, name = {}, None
+        for part in message.iter_parts():
+            field = part.get_param("name", header="content-disposition")
+            if part.get_filename():
+                name = part.get_filename()
+                self.uploads[name] = part.get_payload(decode=True)
+            else:
+                fields[field] = part.get_content().strip()
+        self.upload_fields.append(fields)
+        return {"name": name, "subfolder": "", "type": fields.get("type", "input")}
+
+    def receive_prompt(self, body: dict) -> tuple[int, dict]:
+        prompt, client_id = body["prompt"], body["client_id"]
+        self.prompts.append(prompt)
+        prompt_id = str(uuid.uuid4())
+        status, answer, messages, outputs = self.plan(prompt, prompt_id)
+        if status != 200:
+            return status, answer
+        self.history[prompt_id] = {"prompt": [len(self.prompts), prompt_id, prompt, {}, []], "outputs": outputs,
+                                   "status": {"status_str": "success", "completed": True, "messages": []}}
+        for msg in messages:
+            self.sockets[client_id].put(msg)
+        return 200, {"prompt_id": prompt_id, "number": len(self.prompts), "node_errors": {}}
+
+    def serve_websocket(self, handler: BaseHTTPRequestHandler, client_id: str) -> None:
+        accept = base64.b64encode(hashlib.sha1((handler.headers["Sec-WebSocket-Key"] + WS_GUID).encode()).digest())
+        outbox = self.sockets.setdefault(client_id, queue.Queue())  # before the handshake completes
+        handler.send_response(101, "Switching Protocols")
+        handler.send_header("Upgrade", "websocket")
+        handler.send_header("Connection", "Upgrade")
+        handler.send_header("Sec-WebSocket-Accept", accept.decode())
+        handler.end_headers()
+        handler.wfile.flush()
+        outbox.put({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": client_id}})
+        sock = handler.connection
+        while not self.stop.is_set():
+            while not outbox.empty():
+                msg = outbox.get()
+                handler.wfile.write(ws_frame(msg, 2) if isinstance(msg, bytes) else
+                                    ws_frame(json.dumps(msg).encode(), 1))
+            if select.select([sock], [], [], 0.02)[0] and read_ws_frame(handler.rfile) == 8:
+                handler.wfile.write(ws_frame(b"", 8))  # answer the client's close and end
+                return
+
+    # --- plans ------------------------------------------------------------------------------------
+
+    def source_size(self, prompt: dict) -> tuple[int, int]:
+        name = prompt[cr.find_source_loader(prompt, "fake")]["inputs"]["image"]
+        return Image.open(io.BytesIO(self.uploads[name])).size
+
+    def succeed(self, prompt: dict, prompt_id: str) -> tuple:
+        """Every SaveImage / PreviewImage node writes one PNG of the source's size."""
+        outputs = {}
+        for nid, node in prompt.items():
+            if node["class_type"] in ("SaveImage", "PreviewImage"):
+                self.counter += 1
+                saved = node["class_type"] == "SaveImage"
+                name = (f"{node['inputs']['filename_prefix']}_{self.counter:05d}_.png" if saved
+                        else f"ComfyUI_temp_abcde_{self.counter:05d}_.png")
+                buf = io.BytesIO()
+                Image.new("RGB", self.source_size(prompt), (200, 0, 0)).save(buf, format="PNG")
+                self.files[name] = buf.getvalue()
+                outputs[nid] = {"images": [{"filename": name, "subfolder": "", "type": "output" if saved else "temp"}]}
+        messages = success_messages(prompt_id, prompt)
+        messages.insert(3, struct.pack(">I", 1) + b"preview-bytes")  # a binary preview frame is skipped
+        return 200, None, messages, outputs
+
+    def reject(self, prompt: dict, prompt_id: str) -> tuple:
+        return 400, BAD_CHECKPOINT, [], {}
+
+    def fail(self, prompt: dict, prompt_id: str) -> tuple:
+        return 200, None, success_messages(prompt_id, prompt)[:6] + [error_message(prompt_id)], {}
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeComfy]:
+    server = FakeComfy()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def photos(tmp_path) -> list[Path]:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "astro.png").write_bytes((ASSETS / SOURCE).read_bytes())
+    return [folder / "astro.png", write_png(folder / "small.png", (96, 64))]
+
+
+def run_cli(fake: FakeComfy, *args: str) -> int:
+    return cr.main(["--url", fake.url, *args])
+
+
+def test_two_images_run_as_a_queue(fake, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = run_cli(fake, "--workflow", "xmgie_region_edit", "--image", str(photos[0].parent), "--out", str(out),
+                 "--instruction", "make the helmet gold", "--seed", "3", "--steps", "2", "--checkpoint", "tiny.safetensors")
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert len(fake.prompts) == 2
+    for prompt, photo in zip(fake.prompts, photos):
+        assert prompt["1"]["inputs"]["image"] == photo.name
+        assert prompt["2"]["inputs"]["ckpt_name"] == "tiny.safetensors"
+        assert (prompt["3"]["inputs"]["instruction"], prompt["4"]["inputs"]["instruction"]) == ("make the helmet gold",) * 2
+        assert (prompt["10"]["inputs"]["seed"], prompt["10"]["inputs"]["steps"]) == (3, 2)
+    assert fake.uploads["astro.png"] == photos[0].read_bytes()
+    assert all(f == {"type": "input", "overwrite": "true"} for f in fake.upload_fields)
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["astro_ComfyUI_temp_abcde_00001_.png", "astro_xmgie_region_edit_00002_.png",
+                       "small_ComfyUI_temp_abcde_00003_.png", "small_xmgie_region_edit_00004_.png"]
+    for name in written:
+        assert f"wrote {out / name}" in captured.out
+        assert Image.open(out / name).size == Image.open(photos[0].parent / (name.split("_")[0] + ".png")).size
+    assert "2 succeeded, 0 failed" in captured.out
+    assert "astro.png: node 10 XMGIEPFBSampler" in captured.err  # the executing node, named
+
+
+def test_the_mask_loader_is_left_alone_and_its_file_uploaded(fake, photos, tmp_path, capsys):
+    rc = run_cli(fake, "--workflow", "xmgie_cam_edit", "--image", str(photos[1]), "--out", str(tmp_path / "o"))
+    assert rc == 0, capsys.readouterr().err
+    (prompt,) = fake.prompts
+    assert prompt["1"]["inputs"]["image"] == "small.png" and prompt["2"]["inputs"]["image"] == MASK
+    assert fake.uploads[MASK] == (ASSETS / MASK).read_bytes()
+    out = capsys.readouterr().out
+    assert "wrote" in out and "succeeded" not in out  # no summary line for a single image
+
+
+def test_node_errors_are_printed_and_exit_1(fake, photos, tmp_path, capsys):
+    fake.plan = fake.reject
+    rc = run_cli(fake, "--workflow", "xmgie_region_edit", "--image", str(photos[0]), "--checkpoint", "bad.safetensors",
+                 "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "ComfyUI rejected the prompt: Prompt outputs failed validation" in err
+    assert "node 2 (CheckpointLoaderSimple):" in err
+    assert "Value not in list: ckpt_name: 'bad.safetensors' not in ['tiny.safetensors']" in err
+    assert not list((tmp_path / "o").iterdir())
+
+
+def test_an_execution_error_fails_that_image_and_the_queue_goes_on(fake, photos, tmp_path, capsys):
+    plans = iter([fake.fail, fake.succeed])
+    fake.plan = lambda prompt, pid: next(plans)(prompt, pid)
+    rc = run_cli(fake, "--workflow", "xmgie_region_edit", "--image", *map(str, photos), "--out", str(tmp_path / "o"))
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert f"error: {photos[0]}: ComfyUI failed at node 10 (XMGIEPFBSampler): RuntimeError: mat1 and mat2" in captured.err
+    assert "frame11.py" in captured.err
+    assert "1 succeeded, 1 failed" in captured.out
+    assert sorted(p.name.split("_")[0] for p in (tmp_path / "o").iterdir()) == ["small", "small"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_usage_errors_exit_2(photos, tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_port()}"
+    assert cr.main(["--url", url, "--workflow", "xmgie_region_edit", "--image", str(photos[0])]) == 2
+    err = capsys.readouterr().err
+    assert f"no ComfyUI is answering at {url}" in err and "python main.py" in err and "--url" in err
+    assert cr.main(["--url", url, "--workflow", "xmgie_region_edit", "--image", str(tmp_path / "nope.png")]) == 2
+    assert "file not found" in capsys.readouterr().err
+    assert cr.main(["--url", url, "--workflow", "xmgie_gb_composite", "--image", str(photos[0]), "--steps", "2"]) == 2
+    assert "--steps: workflow xmgie_gb_composite has no literal input" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cr.main(["--workflow", "xmgie_region_edit"])  # argparse: --image is required
+    assert e.value.code == 2
+
+
+def test_an_output_folder_that_cannot_be_made_is_a_usage_error(fake, photos, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert run_cli(fake, "--workflow", "xmgie_region_edit", "--image", str(photos[0]), "--out",
+                   str(tmp_path / "file" / "out")) == 2
+    assert "cannot make the output folder" in capsys.readouterr().err and not fake.prompts
+
+
+def test_websocket_url():
+    assert cr.ComfyClient("http://127.0.0.1:8188/").websocket_url().startswith("ws://127.0.0.1:8188/ws?clientId=")
+    assert cr.ComfyClient("https://127.0.0.1/comfy").websocket_url().startswith("wss://127.0.0.1/comfy/ws?clientId=")
+
+
+def test_prompts_are_not_shared_between_images():
+    prompt = bundled("xmgie_region_edit")
+    before = copy.deepcopy(prompt)
+    a, b = cr.set_source_image(prompt, "a.png", "w"), cr.set_source_image(prompt, "b.png", "w")
+    assert prompt == before and a["1"]["inputs"]["image"] == "a.png" and b["1"]["inputs"]["image"] == "b.png"
