@@ -17,6 +17,7 @@ from ..xmgie_core.region.learned import predict_learned
 from ..xmgie_core.region.postprocess import GROW_RANGE, SMOOTH_RANGE, Finish, empty_items, finish_region
 from ..xmgie_core.region.predictor import load_predictor
 from ..xmgie_core.region.preview import region_preview
+from ..xmgie_core.region.zeroshot import working_pixels
 from ..xmgie_core.tokens import parse_words
 from ..xmgie_core.validation import check_image
 from .devices import device_and_dtype, free_device_cache
@@ -68,22 +69,9 @@ def learned_models(predictor_name: str, t5_folder: str, keep_loaded: bool) -> tu
     return models
 
 
-def working_size(height: int, width: int, longest: int = 512, multiple: int = 64) -> tuple[int, int]:
-    """The U-Net modes read the photo at SD1.5's working size: longest side `longest`, aspect kept, sides multiples
-    of `multiple` (never upscaled past the nearest multiple). The score map is coarse; it is resized back."""
-    scale = min(1.0, longest / max(height, width))
-    return (max(multiple, round(height * scale / multiple) * multiple),
-            max(multiple, round(width * scale / multiple) * multiple))
-
-
 def working_latent(vae, image: torch.Tensor) -> torch.Tensor:
-    """VAE latent of the image at the U-Net's working size (zeroshot.working_size), RGB only."""
-    h, w = working_size(*image.shape[1:3])
-    pixels = image[..., :3]
-    if (h, w) != tuple(image.shape[1:3]):
-        pixels = torch.nn.functional.interpolate(pixels.movedim(-1, 1), size=(h, w), mode="bilinear",
-                                                 antialias=True, align_corners=False).movedim(1, -1)
-    return vae.encode(pixels)
+    """VAE latent of the image at the U-Net's working size (zeroshot.working_pixels), RGB only."""
+    return vae.encode(working_pixels(image))
 
 
 def preview_ui_images(preview: torch.Tensor, prefix: str = "xmgie_region") -> list[dict]:

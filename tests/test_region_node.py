@@ -76,8 +76,9 @@ def test_bad_scales(pack, text):
         pack.nodes.region_predictor.parse_scales(text)
 
 
-def test_working_size_keeps_aspect_in_multiples_of_64(pack):
-    size = pack.nodes.region_predictor.working_size
+def test_working_size_keeps_aspect_in_multiples_of_64():
+    from xmgie_core.region.zeroshot import working_size as size
+
     assert size(3000, 4000) == (384, 512)
     assert size(512, 512) == (512, 512)
     assert size(100, 30) == (128, 64)

@@ -186,31 +186,6 @@ def rules_edit(caption: str, seed: int = 0) -> tuple[str, str] | None:
     return instruction, caption[:start] + f"{attribute} {thing}" + caption[start + len(span):]
 
 
-def load_generator(path: Path, config: Path | None, device: str, dtype: torch.dtype):
-    """A StableDiffusionImg2ImgPipeline from a local diffusers folder, or a single .safetensors checkpoint plus a
-    local diffusers config folder (`config`); offline, safetensors only, no safety checker."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    path = Path(path)
-    options = dict(local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False)
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise XMGIEInputError(f"--generator {path} has no model_index.json: give a diffusers-format SD1.5 folder "
-                                  "or a single .safetensors checkpoint.")
-        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(path), use_safetensors=True, **options)
-    elif path.is_file() and path.suffix == ".safetensors":
-        if config is None or not (Path(config) / "model_index.json").is_file():
-            raise XMGIEInputError(f"--generator {path.name} is a single-file checkpoint; diffusers also needs the "
-                                  "SD1.5 configs and tokenizer to build it offline: pass --generator-config with a "
-                                  "local diffusers SD1.5 folder (its *.json and tokenizer files; weights not needed).")
-        pipe = StableDiffusionImg2ImgPipeline.from_single_file(str(path), config=str(config), **options)
-    else:
-        raise XMGIEInputError(f"--generator {path} not found (or not a .safetensors file): give a diffusers SD1.5 "
-                              "folder or a .safetensors checkpoint (e.g. from ComfyUI/models/checkpoints/).")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
 def render(pipe: Any, image: torch.Tensor, prompt: str, size: int, steps: int, strength: float, guidance: float,
            seed: int) -> torch.Tensor:
     """X_gen: img2img of IMAGE [1, H, W, 3] (squashed to size x size) towards `prompt` -> [1, size, size, 3]."""
@@ -280,7 +255,7 @@ def build_records(captions_path: Path, out: Path, s: BuildSettings) -> dict[str,
     pipe = None
     if s.generator is not None:
         dtype = torch.float16 if str(s.device).startswith("cuda") else torch.float32
-        pipe = load_generator(s.generator, s.generator_config, s.device, dtype)
+        pipe = load_sd15_pipeline(s.generator, s.generator_config, s.device, dtype, "--generator", "--generator-config")
     counts = {"captions": len(captions), "records": 0, "local": 0, "rules": 0}
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:

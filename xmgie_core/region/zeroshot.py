@@ -28,6 +28,24 @@ DEFAULT_STRENGTH_RANGE = (0.5, 0.5)
 """DiffEdit's mask noise (sec. 3.2): strength 50%, i.e. noise to half the schedule."""
 
 
+def working_size(height: int, width: int, longest: int = 512, multiple: int = 64) -> tuple[int, int]:
+    """The U-Net modes read the photo at SD1.5's working size: longest side `longest`, aspect kept, sides multiples
+    of `multiple` (never upscaled past the nearest multiple). The score map is coarse; it is resized back."""
+    scale = min(1.0, longest / max(height, width))
+    return (max(multiple, round(height * scale / multiple) * multiple),
+            max(multiple, round(width * scale / multiple) * multiple))
+
+
+def working_pixels(image: torch.Tensor) -> torch.Tensor:
+    """IMAGE [B,H,W,C] -> its RGB at `working_size` (antialiased bilinear), for the VAE of the U-Net modes."""
+    h, w = working_size(*image.shape[1:3])
+    pixels = image[..., :3]
+    if (h, w) == tuple(image.shape[1:3]):
+        return pixels
+    return F.interpolate(pixels.movedim(-1, 1), size=(h, w), mode="bilinear", antialias=True,
+                         align_corners=False).movedim(1, -1)
+
+
 def check_count(value: int, name: str, what: str) -> int:
     """A whole number >= 1 (draws, steps), else an error saying what it counts."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
