@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fixtures.workflow_nodes import node_of
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "workflows"
 ASSETS = WORKFLOWS / "assets"
@@ -200,6 +202,38 @@ def test_gb_workflow_wiring():
     assert gb["inputs"]["mode"] == "composite"
     (save,) = [n for n in prompt.values() if n["class_type"] == "SaveImage"]
     assert save["inputs"]["filename_prefix"] == "xmgie_gb"
+
+
+def test_edit_workflow_wiring():
+    prompt = load(WORKFLOWS / "api" / "xmgie_edit.json")
+    region_id, _ = node_of(prompt, "XMGIERegionPredictor")
+    crop_id, crop = node_of(prompt, "XMGIECropForEdit")
+    load_id, _ = node_of(prompt, "LoadImage")
+    assert crop["inputs"]["image"] == [load_id, 0] and crop["inputs"]["mask"] == [region_id, 0]
+    for cls in ("XMGIECrossAttentionMask", "XMGIEPFBSampler"):  # they work on the crop
+        assert node_of(prompt, cls)[1]["inputs"]["mask"] == [crop_id, 1]
+    assert node_of(prompt, "VAEEncode")[1]["inputs"]["pixels"] == [crop_id, 0]
+    stitch_id, stitch = node_of(prompt, "XMGIEStitchEdit")
+    assert stitch["inputs"]["crop"] == [crop_id, 2] and stitch["inputs"]["source"] == [load_id, 0]
+    _, gb = node_of(prompt, "XMGIEGBCompositor")  # ... and GB on the full photo with the full mask
+    assert (gb["inputs"]["edited"], gb["inputs"]["mask"], gb["inputs"]["source"]) == \
+        ([stitch_id, 0], [region_id, 0], [load_id, 0])
+    (instr_id, _), (_, cam) = node_of(prompt, "XMGIEInstruction"), node_of(prompt, "XMGIECrossAttentionMask")
+    assert (cam["inputs"]["prompt"], cam["inputs"]["edit_words"]) == ([instr_id, 2], [instr_id, 3])
+
+
+def test_face_workflow_wiring():
+    prompt = load(WORKFLOWS / "api" / "xmgie_edit_face.json")
+    crop_id, _ = node_of(prompt, "XMGIECropForEdit")
+    _, pfb = node_of(prompt, "XMGIEPFBSampler")
+    embedders = {nid: n for nid, n in prompt.items() if n["class_type"] == "XMGIEIDEmbedder"}
+    protect = prompt[pfb["inputs"]["id_embed"][0]]
+    assert protect["inputs"]["image"] == [crop_id, 0], "faces to protect must be found on the crop PFB edits"
+    assert pfb["inputs"]["candidates"] > 1 and "vae" in pfb["inputs"]
+    _, score = node_of(prompt, "XMGIEIdentityScore")
+    gb_id, _ = node_of(prompt, "XMGIEGBCompositor")
+    scored = prompt[score["inputs"]["source"][0]]
+    assert len(embedders) == 2 and scored["inputs"]["image"] == ["1", 0] and score["inputs"]["edited"] == [gb_id, 0]
 
 
 def test_sample_images_regenerate_from_make_samples():

@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from fixtures.workflow_nodes import node_of  # noqa: F401  (the host tests use harness.node_of)
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 ASSETS_DIR = WORKFLOWS_DIR / "assets"
@@ -511,13 +513,6 @@ class ComfyClient:
 # --------------------------------------------------------------------------------------------------
 # Bundled workflows: shared helpers for their host tests
 # --------------------------------------------------------------------------------------------------
-
-def node_of(prompt: dict, class_type: str) -> tuple[str, dict]:
-    """(id, node) of the single node of `class_type` in an API prompt."""
-    found = [(nid, node) for nid, node in prompt.items() if node["class_type"] == class_type]
-    assert len(found) == 1, f"expected one {class_type} in the prompt, found {len(found)}"
-    return found[0]
-
 
 def provide_images_and_prefix(runner: "PromptRunner", prompt: dict, prefix: str) -> str:
     """Give the runner every LoadImage file from workflows/assets, set SaveImage's prefix; returns its id."""
