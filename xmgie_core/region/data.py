@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import XMGIEInputError
+from ..hosts.diffusers_models import load_sd15_pipeline
 from ..image_io import load_image, save_image, to_rgb8
 from ..instruction.local import GenerationSettings, local_plan, unload
 from ..instruction.rules import COLOURS, rules_plan
