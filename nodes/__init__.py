@@ -4,6 +4,7 @@ from .crop_stitch import XMGIECropForEdit, XMGIEStitchEdit
 from .cross_attention_mask import XMGIECrossAttentionMask
 from .gb_compositor import XMGIEGBCompositor
 from .identity import XMGIEIdentityScore, XMGIEIDEmbedder
+from .inputs import with_checked_numbers
 from .instruction import XMGIEInstruction
 from .mgie import XMGIEMGIEGuidance
 from .model_folders import register_model_folders
@@ -38,6 +39,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "XMGIEIDEmbedder": "XMGIE ID Embedder",
     "XMGIEIdentityScore": "XMGIE Identity Score",
 }
+
+NODE_CLASS_MAPPINGS = {key: with_checked_numbers(cls, NODE_DISPLAY_NAME_MAPPINGS[key])
+                       for key, cls in NODE_CLASS_MAPPINGS.items()}
 
 install_samples()
 register_model_folders()

@@ -62,7 +62,7 @@ class XMGIECropForEdit:
     def crop(self, image: torch.Tensor, mask: torch.Tensor, context_factor: float, working_size: int, multiple: str,
              max_upscale: float) -> tuple[torch.Tensor, torch.Tensor, cs.CropGeometry]:
         geometry = cs.plan_crop(mask_for_image(mask, image), context_factor, working_size, int(multiple),
-                                max_upscale)
+                                max_upscale, photo=image)
         if geometry.empty:
             LOG.warning("xMGIE Crop For Edit: the mask is empty; cropping the whole photo (nothing will be edited).")
         return cs.crop_image(image, geometry), cs.crop_mask(mask, geometry, image), geometry

@@ -10,7 +10,7 @@ import torch
 from ..xmgie_core.errors import XMGIEInputError
 from ..xmgie_core.instruction.local import GenerationSettings, local_plan
 from ..xmgie_core.instruction.rules import rules_plan
-from ..xmgie_core.validation import check_image
+from ..xmgie_core.validation import rgb_image
 from .devices import device_and_dtype, free_device_cache
 from .model_folders import find_model_folder
 
@@ -71,7 +71,7 @@ class XMGIEInstruction:
 
     def plan(self, image: torch.Tensor, instruction: str, backend: str, model_folder: str, seed: int,
              temperature: float, max_new_tokens: int, keep_loaded: bool) -> tuple:
-        check_image(image, "image")
+        image = rgb_image(image, "image")
         if backend == "rules":
             plan = rules_plan(instruction)
         elif backend == "local model":

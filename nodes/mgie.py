@@ -8,7 +8,7 @@ import torch
 
 from ..xmgie_core.errors import XMGIEInputError
 from ..xmgie_core.mgie.folder import cached_mgie, unload_mgie
-from ..xmgie_core.validation import check_image
+from ..xmgie_core.validation import rgb_image
 from .devices import device_and_dtype, free_device_cache
 from .model_folders import find_model_folder
 from .progress import comfy_progress
@@ -58,7 +58,7 @@ class XMGIEMGIEGuidance:
 
     def guide(self, image: torch.Tensor, instruction: str, model_folder: str, seed: int, max_new_tokens: int,
               keep_loaded: bool) -> tuple:
-        check_image(image, "image")
+        image = rgb_image(image, "image")
         if not instruction.strip():
             raise XMGIEInputError("The instruction is empty: write the edit, e.g. 'give the man a red scarf'.")
         folder = find_model_folder(model_folder, ("LLM",), "The MGIE Guidance node", "mgie-7b")

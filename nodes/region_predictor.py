@@ -19,7 +19,7 @@ from ..xmgie_core.region.predictor import load_predictor
 from ..xmgie_core.region.preview import region_preview
 from ..xmgie_core.region.zeroshot import working_pixels
 from ..xmgie_core.tokens import parse_words
-from ..xmgie_core.validation import check_image
+from ..xmgie_core.validation import rgb_image
 from .devices import device_and_dtype, free_device_cache
 from .model_folders import find_model_file, find_model_folder, model_file_names
 from .progress import comfy_progress
@@ -177,7 +177,7 @@ class XMGIERegionPredictor:
                 draws: int, steps: int, strength: float, model=None, clip=None, vae=None, clip_vision=None,
                 predictor: str = NONE, t5_folder: str = "flan-t5-base", scales: str = "auto",
                 clipseg_folder: str = "clipseg-rd64-refined", keep_loaded: bool = False) -> dict:
-        check_image(image, "image")
+        image = rgb_image(image, "image")
         finish = Finish(threshold, grow, smoothing, normalise=mode in ("noise-difference", "attention"))
         score = self.score(image, mode, instruction, target_description, source_description, edit_words, seed,
                            draws, steps, strength, model, clip, vae, clip_vision, predictor, t5_folder, scales,

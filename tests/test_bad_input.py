@@ -62,7 +62,8 @@ GB_CASES = {
     "sigma_max inf": ({"sigma_max": float("inf")}, "sigma_max must be between 0 and 16, got inf", "paper default 5"),
     "sigma_max NaN": ({"sigma_max": float("nan")}, "sigma_max must be between 0 and 16, got nan", "paper default"),
     "sigma_scale 0": ({"sigma_scale": 0.0}, "sigma_scale must be between 0.1 and 256", "paper default 10"),
-    "edge_width huge": ({"edge_width": 1e6}, "edge_width must be between 0 and 512", "blend zone"),
+    "edge_width huge": ({"edge_width": 1e6}, "edge_width must be between 0 and 512",
+                        r"Set it on the node within that range \(its default is 16"),
     "unknown mode": ({"mode": "feather"}, "Unknown GB mode 'feather'", "use one of composite, blur"),
 }
 
@@ -127,7 +128,7 @@ CAM_CASES = {
     "no level": ({"input_blocks": False, "middle_block": False, "output_blocks": False}, "No U-Net level selected",
                  "enable input_blocks"),
     "strength > 1": ({"strength": 1.5}, "strength must be between 0 and 1", "got 1.5"),
-    "threshold 0": ({"threshold": 0.0}, r"threshold must be in \(0, 1\]", "got 0"),
+    "threshold 0": ({"threshold": 0.0}, r"threshold must be between 0.01 and 1, got 0.0", r"its default is 0.5"),
 }
 
 
@@ -268,3 +269,15 @@ def test_cli_takes_the_mask_from_palette_transparency(tmp_path):
     assert cli(["gb", "--edited", str(path), "--source", str(source), "--out", str(tmp_path / "out")]) == 0
     out = np.asarray(Image.open(tmp_path / "out" / "xmgie_gb.png"))
     assert (out[:4, :4] == 90).all() and (out[28:36, 28:36] == [10, 200, 10]).all()
+
+
+def test_cli_gb_second_run_never_replaces_the_first(files, tmp_path):
+    out = tmp_path / "out"
+    argv = ["gb", "--edited", str(files["rgb"]), "--mask", str(files["mask"]), "--source", str(files["rgb"]),
+            "--out", str(out)]
+    assert cli(argv) == 0
+    first = (out / "xmgie_gb.png").read_bytes()
+    assert cli([*argv, "--mode", "blur"]) == 0
+    assert (out / "xmgie_gb.png").read_bytes() == first
+    assert sorted(p.name for p in out.iterdir()) == ["xmgie_gb.png", "xmgie_gb_2.png", "xmgie_gb_2_blend_mask.png",
+                                                     "xmgie_gb_blend_mask.png"]

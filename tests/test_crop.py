@@ -122,7 +122,13 @@ def test_box_holds_the_region_and_the_work_size_is_valid(height, width, data, co
     right = data.draw(st.integers(left + 1, width))
     mask = torch.zeros(1, height, width)
     mask[:, top:bottom, left:right] = 1
-    geometry = crop.plan_crop(mask, context, working, multiple, upscale)
+    try:
+        geometry = crop.plan_crop(mask, context, working, multiple, upscale)
+    except XMGIEInputError as e:  # only a photo too elongated for a crop of MIN_WORK_SIDE across
+        assert "thinner than the 64 px a model can edit" in str(e)
+        assert min(height, width) / max(height, width) < crop.MIN_WORK_SIDE / working
+        return
+    assert min(geometry.work_size) >= crop.MIN_WORK_SIDE
     check_geometry(geometry, mask, working, multiple)
     bh, bw = geometry.box_size
     if bh < height and bw < width:  # the photo did not clamp the box: the enlargement cap holds (to half a pixel)
@@ -221,3 +227,40 @@ def test_nodes_crop_then_stitch(pack):
     assert stitched.shape == (2, 900, 1200, 3)
     with pytest.raises(ValueError, match="does not match image size"):  # the pack's own XMGIEInputError
         crop_node.crop(photo, mask[:, :-1], 1.5, 512, "8", 4.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Crops a model cannot edit, and crops pasted into the wrong photo
+# ------------------------------------------------------------------------------------------------
+
+def test_a_photo_too_thin_for_a_crop_is_an_error_naming_the_fix():
+    """A 100 x 8000 strip would give an 8 x 512 crop (one latent row): refused, with what to do."""
+    with pytest.raises(XMGIEInputError, match=r"100x8000 photo; at working_size 512 its crop would be 8x512 px, "
+                                              r"thinner than the 64 px .* pad the photo"):
+        crop.plan_crop(torch.ones(1, 100, 8000))
+    with pytest.raises(XMGIEInputError, match=r"raise working_size to at least 640"):
+        crop.plan_crop(torch.ones(1, 100, 1000))
+    assert crop.plan_crop(torch.ones(1, 100, 1000), working_size=640).work_size == (64, 640)
+
+
+def test_a_thin_region_in_a_large_photo_gets_context_across_it():
+    mask = torch.zeros(1, 1500, 1500)
+    mask[:, 700:702, 100:1400] = 1  # a 2 px line, 1300 px long
+    geometry = crop.plan_crop(mask)
+    assert min(geometry.work_size) >= crop.MIN_WORK_SIDE
+    check_geometry(geometry, mask, 512, 8)
+
+
+def test_stitch_refuses_another_photo_of_the_same_size():
+    photo_a, photo_b = smooth_photo(300, 400, seed=1), smooth_photo(300, 400, seed=2)
+    mask = disc_mask(300, 400, [(150, 200)], 40)
+    geometry = crop.plan_crop(mask, photo=photo_a)
+    edited = crop.crop_image(photo_a, geometry)
+    with pytest.raises(XMGIEInputError, match="source is not the photo this crop was cut from .* connect the very "
+                                              "image given to Crop For Edit"):
+        crop.stitch(edited, photo_b, geometry)
+    with pytest.raises(XMGIEInputError, match="source is not the photo"):  # a batch of two is not that photo either
+        crop.stitch(edited, torch.cat([photo_a, photo_a]), geometry)
+    reloaded = (photo_a * 255).round() / 255  # the same photo after an 8-bit save and load
+    assert torch.equal(crop.stitch(edited, reloaded, geometry)[:, :10], reloaded[:, :10])
+    assert "photo" not in geometry.to_dict()

@@ -6,6 +6,7 @@ tiny), a diffusers checkpoint folder loads, and a missing model says exactly wha
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,55 @@ def test_a_missing_model_says_what_to_provide(tmp_path, capsys, args, message):
 def test_an_instruction_the_rules_do_not_read_is_an_error(tmp_path, capsys):
     code = cli.main(["edit", "--image", str(SOURCE), "--instruction", "???", "--tiny", "--out", str(tmp_path)])
     assert code == 2 and "Could not read the instruction" in capsys.readouterr().err
+
+
+NUMBER_CASES = {  # every number of the edit is checked like its node widget, before anything loads
+    "--steps 0": (["--steps", "0"], "argument --steps: steps must be between 1 and 10000, got 0"),
+    "--steps -3": (["--steps", "-3"], "steps must be between 1 and 10000, got -3"),
+    "--steps 2.5": (["--steps", "2.5"], "'2.5' is not a whole number"),
+    "--denoise -1": (["--denoise", "-1"], "denoise must be between 0 and 1, got -1"),
+    "--denoise 5": (["--denoise", "5"], "denoise must be between 0 and 1, got 5"),
+    "--denoise 0": (["--denoise", "0"], "denoise is 0: no sampling step would run"),
+    "--cfg nan": (["--cfg", "nan"], "argument --cfg: cfg must be between 0 and 100, got nan"),
+    "--cfg inf": (["--cfg", "inf"], "cfg must be between 0 and 100, got inf"),
+    "--seed 2^64": (["--seed", str(2**64)], "seed must be between 0 and 1.84467e\\+19, got 18446744073709551616"),
+    "--seed -1": (["--seed", "-1"], "seed must be between 0 and"),
+    "--draws 0": (["--draws", "0"], "region_draws must be between 1 and 64"),
+    "--context-factor nan": (["--context-factor", "nan"], "context_factor must be between 1 and 10, got nan"),
+    "--working-size 8": (["--working-size", "8"], "working_size must be between 64 and 4096"),
+    "--face-protection 2": (["--face-protection", "2"], "face_protection must be between 0 and 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(NUMBER_CASES))
+def test_every_number_is_range_checked_before_any_work(tmp_path, capsys, case):
+    argv, message = NUMBER_CASES[case]
+    code = cli.main(["edit", "--image", str(SOURCE), "--instruction", INSTRUCTION, "--tiny", "--out",
+                     str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and re.search(message, err), err
+    assert "VAE" not in err and not (tmp_path / "o").exists()
+
+
+def test_a_second_run_into_the_same_out_never_replaces_the_first(tmp_path, scarf_mask):
+    out = tmp_path / "out"
+    args = ["--image", str(SOURCE), "--mask", str(scarf_mask), "--tiny", "--identity", "none", *FAST]
+    assert run(out, *args, "--seed", "1")[0] == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert run(out, *args, "--seed", "2")[0] == 0
+    now = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {name: now[name] for name in first} == first, "the first run's files were replaced"
+    second = sorted(set(now) - set(first))
+    assert len(second) == 4 and all("_xmgie_TINY-RANDOM-WEIGHTS_2_" in n for n in second), second
+    assert now[second[0]] != first[second[0].replace("_2_", "_")]  # another seed, another edit
+
+
+def test_a_photo_too_thin_to_crop_says_what_to_do(tmp_path, capsys):
+    strip = tmp_path / "strip.png"
+    Image.fromarray(np.full((100, 8000, 3), 120, np.uint8)).save(strip)
+    full = tmp_path / "full.png"
+    Image.fromarray(np.full((100, 8000), 255, np.uint8)).save(full)
+    code = cli.main(["edit", "--image", str(strip), "--mask", str(full), "--instruction", INSTRUCTION, "--tiny",
+                     "--identity", "none", "--out", str(tmp_path / "o"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "thinner than the 64 px a model can edit" in err and not (tmp_path / "o").exists()

@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from conftest import load_pack
 
 
 def test_every_node_is_mapped_with_a_display_name(pack):
@@ -16,9 +17,7 @@ def test_every_node_is_mapped_with_a_display_name(pack):
         assert display.startswith("XMGIE ")
 
 
-@pytest.mark.parametrize("name", ["XMGIEGBCompositor", "XMGIECropForEdit", "XMGIEStitchEdit", "XMGIECrossAttentionMask", "XMGIEPFBSampler", "XMGIEPFBGuider",
-                                  "XMGIEInstruction", "XMGIEIDEmbedder", "XMGIEIdentityScore", "XMGIERegionPredictor",
-                                  "XMGIEMGIEGuidance"])
+@pytest.mark.parametrize("name", list(load_pack().NODE_CLASS_MAPPINGS))
 def test_node_contract(pack, name):
     cls = pack.NODE_CLASS_MAPPINGS[name]
     assert cls.CATEGORY.startswith("xMGIE/")
@@ -163,3 +162,43 @@ def test_model_folders_are_registered_and_found_by_name(pack, tmp_path, monkeypa
         folders.find_model_folder("other", ("clipseg",), "CLIPSeg", "clipseg-rd64-refined")
     with pytest.raises(ValueError, match="needs a model folder: the name of a folder under ComfyUI/models/clipseg/"):
         folders.find_model_folder(" ", ("clipseg",), "CLIPSeg", "clipseg-rd64-refined")
+
+
+NUMBER_CASES = [(node, name) for node, cls in load_pack().NODE_CLASS_MAPPINGS.items()
+                for name in load_pack().nodes.inputs.numeric_specs(cls)]
+
+
+def _placeholder_call(cls, **change):
+    """Call the node's FUNCTION with None for every argument but `change` (the number check runs first)."""
+    import inspect
+
+    params = list(inspect.signature(getattr(cls, cls.FUNCTION)).parameters)[1:]
+    return getattr(cls(), cls.FUNCTION)(**{**{p: None for p in params}, **change})
+
+
+@pytest.mark.parametrize("node,name", NUMBER_CASES)
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "below", "above"])
+def test_every_number_input_of_every_node_is_range_checked(pack, node, name, bad):
+    """NaN passes ComfyUI's own min/max validation; the node itself must stop it, naming the input and range."""
+    cls = pack.NODE_CLASS_MAPPINGS[node]
+    options = pack.nodes.inputs.numeric_specs(cls)[name]
+    value = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"),
+             "below": options.get("min", float("-inf")) - 1, "above": options.get("max", float("inf")) + 1}[bad]
+    if value in (float("inf"), float("-inf")) and bad in ("below", "above"):
+        pytest.skip("no limit on that side")
+    with pytest.raises(ValueError, match=rf"{pack.NODE_DISPLAY_NAME_MAPPINGS[node]}: {name} must be between .* "
+                                         r"Set it on the node within that range"):
+        _placeholder_call(cls, **{name: value})
+
+
+def test_every_node_declares_limits_on_its_numbers(pack):
+    for node, name in NUMBER_CASES:
+        options = pack.nodes.inputs.numeric_specs(pack.NODE_CLASS_MAPPINGS[node])[name]
+        assert "min" in options and "max" in options, f"{node}.{name} has no min/max"
+
+
+def test_numbers_within_limits_reach_the_node(pack):
+    node = pack.NODE_CLASS_MAPPINGS["XMGIEGBCompositor"]()
+    src, edit, mask = torch.zeros(1, 16, 16, 3), torch.ones(1, 16, 16, 3), torch.ones(1, 16, 16)
+    image, _ = node.composite(edit, mask, "composite", 0.0, 256.0, 0.0, source=src)  # the limits themselves
+    assert torch.equal(image, edit)

@@ -106,3 +106,22 @@ def test_preview_is_saved_for_the_node_as_preview_image_does(pack, tmp_path, mon
         saved = np.array(Image.open(tmp_path / entry["filename"]))
         assert saved.shape == (24, 32, 3)
         assert np.abs(saved.astype(float) - picture.numpy() * 255).max() <= 1.0
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_greyscale_and_alpha_images_are_read_as_their_rgb(node, clipseg_dir, channels):
+    """A 1-channel (greyscale), 2-channel (greyscale + alpha) or RGBA IMAGE is the same picture as its RGB: same
+    region, same preview (not a conv error about 3 channels)."""
+    grey = torch.rand(1, 40, 56, 1)
+    rgb = grey.expand(-1, -1, -1, 3) if channels < 4 else torch.rand(1, 40, 56, 3)
+    image = {1: grey, 2: torch.cat([grey, torch.rand_like(grey)], -1), 4: torch.cat([rgb, torch.rand_like(grey)], -1)}
+    args = {**ARGS, "threshold": 0.4}
+    expected = node.predict(rgb, **args, clipseg_folder=str(clipseg_dir))["result"]
+    got = node.predict(image[channels], **args, clipseg_folder=str(clipseg_dir))["result"]
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_an_image_with_five_channels_is_an_error(node, clipseg_dir):
+    with pytest.raises(ValueError, match="image has 5 channels .* Convert it to RGB first"):
+        node.predict(torch.rand(1, 32, 32, 5), **ARGS, clipseg_folder=str(clipseg_dir))

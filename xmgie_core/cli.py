@@ -9,11 +9,14 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, NoReturn
 
 from . import gb
 from .errors import XMGIEInputError
 from .instruction.rules import rules_plan
-from .image_io import check_out_dir, load_image, load_mask, save_image
+from .hosts.diffusers_edit import SETTING_HINTS, SETTING_RANGES, EditSettings
+from .image_io import check_out_dir, load_image, load_mask, save_image, unused_stem
+from .validation import check_range
 
 
 def run_gb(args: argparse.Namespace) -> list[Path]:
@@ -25,7 +28,8 @@ def run_gb(args: argparse.Namespace) -> list[Path]:
                               "colour key) to take the edit region from; pass it with --mask FILE.")
     source = load_image(args.source)[0] if args.source else None
     res = gb.apply_gb(edited, mask, args.mode, source, args.sigma_max, args.sigma_scale, args.edge_width)
-    return [save_image(res.image, out / "xmgie_gb.png"), save_image(res.mask, out / "xmgie_gb_blend_mask.png")]
+    stem = unused_stem(out, "xmgie_gb", (".png", "_blend_mask.png"))
+    return [save_image(res.image, out / f"{stem}.png"), save_image(res.mask, out / f"{stem}_blend_mask.png")]
 
 
 TINY_TAG = "TINY-RANDOM-WEIGHTS"
@@ -36,6 +40,14 @@ NO_MODEL = ("No model: pass --checkpoint with an SD1.5 checkpoint, either a diff
             "(the picture is then noise, not an edit).")
 
 
+OUTPUTS = ("_edit.png", "_mask.png", "_overlay.png", "_report.json")
+"""The files of one edit, after its stem (a second run into the same --out gets the next free stem)."""
+
+
+EDIT = EditSettings("")
+"""The edit's defaults (the bundled xmgie_edit workflow's), shown by --help."""
+
+
 def run_edit(args: argparse.Namespace) -> list[Path]:
     from .hosts import diffusers_edit as de
 
@@ -43,13 +55,13 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
         raise XMGIEInputError(NO_MODEL)
     if args.checkpoint is not None and args.tiny:
         raise XMGIEInputError("--tiny and --checkpoint exclude each other: --tiny uses tiny random-weight models.")
+    settings = de.EditSettings(args.instruction, args.seed, args.steps, args.cfg, args.denoise,
+                               region_draws=args.draws, context_factor=args.context_factor,
+                               working_size=args.working_size, face_protection=args.face_protection)
     out = check_out_dir(args.out)
     photo = load_image(args.image)[0]
     mask = load_mask(args.mask) if args.mask else None
     plan = rules_plan(args.instruction)  # before any model loads: an unreadable instruction fails at once
-    settings = de.EditSettings(args.instruction, args.seed, args.steps, args.cfg, args.denoise,
-                               region_draws=args.draws, context_factor=args.context_factor,
-                               working_size=args.working_size, face_protection=args.face_protection)
     backend = de.face_backend_for(args.identity, args.insightface_root, args.insightface_pack)
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory() as tokenizer_dir:
@@ -60,7 +72,7 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
             log(f"loading {args.checkpoint} ...")
             models = de.load_sd15(args.checkpoint, args.config, args.device)
         result = de.edit_photo(models, photo, settings, mask, backend, log, plan)
-    stem = args.image.stem + "_xmgie" + (f"_{TINY_TAG}" if models.tiny else "")
+    stem = unused_stem(out, args.image.stem + "_xmgie" + (f"_{TINY_TAG}" if models.tiny else ""), OUTPUTS)
     written = [save_image(result.image, out / f"{stem}_edit.png"), save_image(result.mask, out / f"{stem}_mask.png"),
                save_image(result.overlay, out / f"{stem}_overlay.png"), out / f"{stem}_report.json"]
     written[-1].write_text(json.dumps(result.report(settings, models), indent=2) + "\n")
@@ -68,8 +80,15 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
     return written
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the CLI's own form ("error: ...", exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m xmgie_core", description="xMGIE headless tools.")
+    p = Parser(prog="python -m xmgie_core", description="xMGIE headless tools.")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("gb", help="Gaussian-blur compositing (seed 000 eqs 18-19) of an edited image.")
     g.add_argument("--edited", type=Path, required=True, help="edited image; its alpha is the mask (transparent = edit) unless --mask is given")
@@ -91,14 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", type=Path, help="SD1.5: a diffusers folder or a single .safetensors file")
     e.add_argument("--config", type=Path, help="with a single-file --checkpoint: a local diffusers SD1.5 folder")
     e.add_argument("--tiny", action="store_true", help="tiny random-weight models: checks the plumbing only")
-    e.add_argument("--seed", type=int, default=42)
-    e.add_argument("--steps", type=int, default=20)
-    e.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
-    e.add_argument("--denoise", type=float, default=0.8, help="fraction of the schedule run from the photo")
-    e.add_argument("--draws", type=int, default=10, help="noise draws of the region prediction")
-    e.add_argument("--context-factor", type=float, default=1.5, help="crop = region box sides times this")
-    e.add_argument("--working-size", type=int, default=512, help="longer side of the crop the model sees")
-    e.add_argument("--face-protection", type=float, default=1.0, help="0..1: keep faces the edit overlaps")
+    e.add_argument("--seed", type=setting("seed", int), default=EDIT.seed)
+    e.add_argument("--steps", type=setting("steps", int), default=EDIT.steps, help="sampling steps")
+    e.add_argument("--cfg", type=setting("cfg", float), default=EDIT.cfg, help="classifier-free guidance scale")
+    e.add_argument("--denoise", type=setting("denoise", float), default=EDIT.denoise,
+                   help="fraction of the schedule run from the photo (above 0, at most 1)")
+    e.add_argument("--draws", type=setting("region_draws", int), default=EDIT.region_draws,
+                   help="noise draws of the region prediction")
+    e.add_argument("--context-factor", type=setting("context_factor", float), default=EDIT.context_factor,
+                   help="crop = region box sides times this")
+    e.add_argument("--working-size", type=setting("working_size", int), default=EDIT.working_size,
+                   help="longer side of the crop the model sees")
+    e.add_argument("--face-protection", type=setting("face_protection", float), default=EDIT.face_protection,
+                   help="0..1: keep faces the edit overlaps")
     e.add_argument("--identity", choices=("auto", "dlib", "insightface", "none"), default="auto",
                    help="face backend for protection and the identity score (auto: dlib when installed)")
     e.add_argument("--insightface-root", type=Path, help="folder with models/<pack>/*.onnx")
@@ -109,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def setting(name: str, kind: type) -> Callable[[str], int | float]:
+    """An argparse type: the text as `kind`, within the range the edit settings (and the node widget) allow."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+        try:
+            check_range(value, name, *SETTING_RANGES[name], hint=SETTING_HINTS.get(name, ""))
+        except XMGIEInputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    return parse
+
+
 def _cuda() -> bool:
     import torch
 
@@ -116,7 +156,10 @@ def _cuda() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument (already reported)
+        return int(e.code or 0)
     try:
         written = args.run(args)
     except XMGIEInputError as e:

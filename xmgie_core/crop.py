@@ -3,7 +3,9 @@ edit back.
 
   box       = bounding box of the (binarised) edit mask, every region of every batch item (one crop covers all),
               its sides times `context_factor`, grown further so the crop is never upscaled more than
-              `max_upscale`, centred on the region and shifted (not cut) to stay inside the photo;
+              `max_upscale` and its shorter side is at least MIN_WORK_SIDE at the working size (a thin region
+              gets context across it; a photo too thin for that is an error), centred on the region and
+              shifted (not cut) to stay inside the photo;
   work size = the box resized so its longer side is `working_size`, each side a multiple of `multiple`; the box
               is then widened to that aspect (to within half a photo pixel) where the photo allows;
   crop      = photo[box] resized to the work size (antialiased bicubic);
@@ -33,6 +35,8 @@ MULTIPLE = 8
 MULTIPLE_CHOICES = (8, 16, 32, 64)
 MAX_UPSCALE = 4.0
 MAX_UPSCALE_RANGE = (1.0, 16.0)
+MIN_WORK_SIDE = 64
+"""The shorter side of a crop the model can edit (8 latent cells of SD's VAE); below it the edit is a smear."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class CropGeometry:
     """(h, w) of the crop as the model sees it; multiples of `multiple`."""
     empty: bool = False
     """The mask selected nothing: the box is the whole photo (the edit then changes nothing downstream)."""
+    photo: tuple[float, ...] | None = None
+    """photo_fingerprint of the photo the crop was cut from (None when planned from the mask alone)."""
 
     @property
     def box_size(self) -> tuple[int, int]:
@@ -60,7 +66,33 @@ class CropGeometry:
         return h / bh, w / bw
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "scale": list(self.scale)}
+        fields = asdict(self)
+        del fields["photo"]
+        return {**fields, "scale": list(self.scale)}
+
+
+FINGERPRINT_CELLS = 8
+FINGERPRINT_TOLERANCE = 2.5 / 255
+"""Largest cell difference of the same photo after an 8-bit save and reload (or a float16 round trip)."""
+
+
+def photo_fingerprint(photo: torch.Tensor) -> tuple[float, ...]:
+    """A cheap fingerprint of IMAGE [B,H,W,C]: each item's mean colour on an 8x8 grid of cells, flattened."""
+    cells = F.adaptive_avg_pool2d(photo[..., :3].float().permute(0, 3, 1, 2), FINGERPRINT_CELLS)
+    return tuple(cells.flatten().tolist())
+
+
+def check_same_photo(geometry: CropGeometry, source: torch.Tensor) -> None:
+    """Stitch only into the photo the crop was cut from (same size is not enough: another photo of that size
+    would get this crop pasted in)."""
+    if geometry.photo is None:
+        return
+    found = photo_fingerprint(source)
+    same = len(found) == len(geometry.photo) and max(abs(a - b) for a, b in zip(found, geometry.photo)) <= \
+        FINGERPRINT_TOLERANCE
+    if not same:
+        raise XMGIEInputError("source is not the photo this crop was cut from (same size, different pixels or batch); "
+                              "connect the very image given to Crop For Edit to Stitch Edit's source.")
 
 
 def _snap(length: float, multiple: int) -> int:
@@ -81,8 +113,10 @@ def _bounding_box(region: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def plan_crop(mask: torch.Tensor, context_factor: float = CONTEXT_FACTOR, working_size: int = WORKING_SIZE,
-              multiple: int = MULTIPLE, max_upscale: float = MAX_UPSCALE) -> CropGeometry:
-    """The crop box and work size for a MASK [B,H,W] or [H,W] (1 = edit), as the module docstring says."""
+              multiple: int = MULTIPLE, max_upscale: float = MAX_UPSCALE, photo: torch.Tensor | None = None
+              ) -> CropGeometry:
+    """The crop box and work size for a MASK [B,H,W] or [H,W] (1 = edit), as the module docstring says; with
+    `photo` (IMAGE) the geometry remembers it, and stitch refuses any other photo."""
     check_range(context_factor, "context_factor", *CONTEXT_FACTOR_RANGE,
                 hint="It multiplies the region's bounding box sides (1 = no context around the region).")
     check_range(working_size, "working_size", *WORKING_SIZE_RANGE,
@@ -102,14 +136,32 @@ def plan_crop(mask: torch.Tensor, context_factor: float = CONTEXT_FACTOR, workin
     grow = working_size / max_upscale / max(want_h, want_w)  # never enlarge more than max_upscale
     if grow > 1:
         want_h, want_w = want_h * grow, want_w * grow
-    want_h, want_w = min(want_h, height), min(want_w, width)
+    thinnest = max(want_h, want_w) * MIN_WORK_SIDE / working_size  # a thin region gets context across it
+    want_h, want_w = min(max(want_h, thinnest), height), min(max(want_w, thinnest), width)
     to_work = working_size / max(want_h, want_w)
     work_h, work_w = _snap(want_h * to_work, multiple), _snap(want_w * to_work, multiple)
+    if not empty and min(work_h, work_w) < MIN_WORK_SIDE:
+        raise XMGIEInputError(_too_thin(height, width, bottom - top, right - left, (work_h, work_w), working_size,
+                                        multiple * math.ceil(MIN_WORK_SIDE * max(want_h, want_w) /
+                                                             min(want_h, want_w) / multiple)))
     per_pixel = max(want_h / work_h, want_w / work_w)  # photo pixels per work pixel at the exact aspect
     box_h, box_w = min(height, max(1, round(work_h * per_pixel))), min(width, max(1, round(work_w * per_pixel)))
     y0 = _place((top + bottom) / 2.0, box_h, height)
     x0 = _place((left + right) / 2.0, box_w, width)
-    return CropGeometry((height, width), (y0, x0, y0 + box_h, x0 + box_w), (work_h, work_w), empty)
+    return CropGeometry((height, width), (y0, x0, y0 + box_h, x0 + box_w), (work_h, work_w), empty,
+                        None if photo is None else photo_fingerprint(check_image(photo, "photo")))
+
+
+def _too_thin(height: int, width: int, region_h: int, region_w: int, work: tuple[int, int], working_size: int,
+              needed: int) -> str:
+    """Why a crop would be thinner than MIN_WORK_SIDE, and what to do (`needed`: the working size that fixes it)."""
+    work_h, work_w = work
+    fix = (f"raise working_size to at least {needed}" if needed <= WORKING_SIZE_RANGE[1]
+           else "the photo is too elongated for one crop")
+    return (f"The edit region spans {region_h}x{region_w} px of a {height}x{width} photo; at working_size "
+            f"{working_size} its crop would be {work_h}x{work_w} px, thinner than the {MIN_WORK_SIDE} px a model can "
+            f"edit. To fix it: {fix}, or edit a less elongated part of the photo (a smaller mask), or pad the photo "
+            "to a less extreme aspect first.")
 
 
 def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -156,6 +208,7 @@ def stitch(edited: torch.Tensor, source: torch.Tensor, geometry: CropGeometry) -
     check_image(edited, "edited crop")
     check_image(source, "source")
     _check_photo(geometry, source.shape[1], source.shape[2], "source")
+    check_same_photo(geometry, source)
     if tuple(edited.shape[1:3]) != geometry.work_size:
         raise XMGIEInputError(
             f"edited crop is {edited.shape[1]}x{edited.shape[2]}, but Crop For Edit made a {geometry.work_size[0]}x"

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import XMGIEInputError
+from .validation import rgb_image
 
 FORMATS_HINT = "Give a PNG, JPEG, WebP or TIFF image."
 
@@ -94,12 +96,21 @@ def check_out_dir(out: Path) -> Path:
     return out
 
 
+def unused_stem(folder: Path, stem: str, suffixes: Sequence[str]) -> str:
+    """`stem`, else `stem_2`, `stem_3`, ...: the first for which no `folder / (stem + suffix)` exists, so a run never
+    replaces an earlier run's files."""
+    candidate, n = stem, 1
+    while any((folder / f"{candidate}{suffix}").exists() for suffix in suffixes):
+        n += 1
+        candidate = f"{stem}_{n}"
+    return candidate
+
+
 def to_rgb8(image: torch.Tensor) -> list[np.ndarray]:
-    """IMAGE [B,H,W,C] in 0..1 -> uint8 RGB arrays [H,W,3] (greyscale repeated, alpha dropped)."""
-    arr = (image.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    return [np.ascontiguousarray(a[..., :3]) for a in arr]
+    """IMAGE [B,H,W,C] in 0..1 -> uint8 RGB arrays [H,W,3] (validation.rgb_image: greyscale repeated, alpha
+    dropped)."""
+    arr = (rgb_image(image).detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    return [np.ascontiguousarray(a) for a in arr]
 
 
 def save_image(image: torch.Tensor, path: Path) -> Path:

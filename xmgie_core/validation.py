@@ -37,6 +37,19 @@ def check_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     return image
 
 
+def rgb_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """A checked IMAGE as the RGB a model reads: greyscale (1 channel) and greyscale + alpha (2) repeated to three
+    channels, RGBA's alpha dropped (nothing in the colours changes); any other channel count is an error."""
+    check_image(image, name)
+    channels = image.shape[-1]
+    if channels in (1, 2):
+        return image[..., :1].expand(*image.shape[:-1], 3)
+    if channels in (3, 4):
+        return image[..., :3]
+    raise XMGIEInputError(f"{name} has {channels} channels (shape {_shape(image)}); an IMAGE has 3 (RGB), or 1, 2 "
+                          "or 4 (greyscale, greyscale + alpha, RGBA). Convert it to RGB first.")
+
+
 def check_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
     """Validate a MASK [B,H,W] or [H,W] (float, finite); returns it as [B,H,W]."""
     if mask.ndim == 2:

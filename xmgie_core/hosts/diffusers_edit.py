@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import crop as cs
-from .. import gb
+from .. import gb, limits
 from ..cam import TokenRestriction
 from ..errors import XMGIEInputError
 from ..identity.faces import IdEmbed, embed_images, ips_report
@@ -29,11 +29,11 @@ from ..identity.protect import protected_mask
 from ..instruction.plan import EditPlan
 from ..instruction.rules import rules_plan
 from ..pfb.settings import PFBSettings
-from ..region.postprocess import Finish, empty_items, finish_region
+from ..region.postprocess import GROW_RANGE, SMOOTH_RANGE, Finish, empty_items, finish_region
 from ..region.preview import region_preview
 from ..region.zeroshot import working_pixels
 from ..tokens import hf_token_positions
-from ..validation import check_image, mask_for_image
+from ..validation import check_range, mask_for_image, rgb_image
 from .diffusers_cam import cross_attention_masking
 from .diffusers_models import load_sd15_pipeline
 from .diffusers_pfb import pfb_edit
@@ -121,6 +121,31 @@ class EditSettings:
     sigma_max: float = gb.SIGMA_MAX
     sigma_scale: float = gb.SIGMA_SCALE
     edge_width: float = gb.EDGE_WIDTH
+
+    def __post_init__(self) -> None:
+        """Every number within the range its node widget allows (NaN and inf refused), before any model loads."""
+        for name, (low, high) in SETTING_RANGES.items():
+            check_range(getattr(self, name), name, low, high, hint=SETTING_HINTS.get(name, ""))
+        if self.denoise == 0:
+            raise XMGIEInputError("denoise is 0: no sampling step would run and nothing would be edited. Use a "
+                                  "fraction above 0 (0.8 keeps the photo's layout, 1 redraws the region).")
+
+
+SETTING_RANGES = {
+    "seed": limits.SEED, "steps": limits.STEPS, "cfg": limits.CFG, "denoise": limits.DENOISE,
+    "region_threshold": limits.UNIT, "region_grow": GROW_RANGE, "region_smoothing": SMOOTH_RANGE,
+    "region_draws": limits.DRAWS, "region_strength": limits.REGION_STRENGTH,
+    "context_factor": cs.CONTEXT_FACTOR_RANGE, "working_size": cs.WORKING_SIZE_RANGE, "max_upscale": cs.MAX_UPSCALE_RANGE,
+    "outside_weight": limits.UNIT, "latent_blend_end": limits.UNIT, "face_protection": limits.UNIT,
+    "sigma_max": gb.SIGMA_MAX_RANGE, "sigma_scale": gb.SIGMA_SCALE_RANGE, "edge_width": gb.EDGE_WIDTH_RANGE,
+}
+"""EditSettings fields and their allowed ranges (the nodes' widget limits)."""
+SETTING_HINTS = {
+    "steps": "It is the number of sampling steps (20 is usual).",
+    "cfg": "It is the classifier-free guidance scale (7 is usual).",
+    "denoise": "It is the fraction of the schedule run from the photo (0.8 is usual).",
+    "seed": "Any whole number from 0 to 2^64-1.",
+}
 
 
 @dataclass
@@ -268,10 +293,10 @@ def edit_photo(models: SD15, image: torch.Tensor, settings: EditSettings, mask: 
                face_backend=None, log: Log | None = None, plan: EditPlan | None = None) -> EditResult:
     """The whole edit of one photo IMAGE [1,H,W,3] (0..1). `mask` [1,H,W] replaces the predicted region; `plan`
     the rules backend's reading of the instruction."""
-    check_image(image, "photo")
+    image = rgb_image(image, "photo")
     if image.shape[0] != 1:
         raise XMGIEInputError(f"edit_photo edits one photo at a time, got a batch of {image.shape[0]}.")
-    image = image[..., :3].float()
+    image = image.float()
     watch, notes = Stopwatch(log), []
     with watch.stage("instruction"):
         plan = plan or rules_plan(settings.instruction)
@@ -284,7 +309,7 @@ def edit_photo(models: SD15, image: torch.Tensor, settings: EditSettings, mask: 
         overlay = region_preview(image, mask, soft)
     with watch.stage("crop"):
         geometry = cs.plan_crop(mask, settings.context_factor, settings.working_size, settings.multiple,
-                                settings.max_upscale)
+                                settings.max_upscale, photo=image)
         crop_image, crop_mask = cs.crop_image(image, geometry), cs.crop_mask(mask, geometry, image)
     with watch.stage("identity"):
         source_faces = None if face_backend is None else embed_images(face_backend, for_faces(image),

@@ -184,7 +184,7 @@ class MGIE:
             raise XMGIEInputError(f"MGIE takes a ComfyUI IMAGE tensor, got {type(image).__name__}.")
         if image.ndim == 3:
             image = image.unsqueeze(0)
-        if image.ndim != 4 or image.shape[0] != 1 or image.shape[-1] not in (1, 3, 4):
+        if image.ndim != 4 or image.shape[0] != 1 or image.shape[-1] not in (1, 2, 3, 4):
             raise XMGIEInputError(f"MGIE takes one image of shape [height, width, 3] or [1, height, width, 3], got "
                                   f"{_shape(image)}; split a batch with an image-batch node and run one at a time.")
         if not image.is_floating_point() or min(image.shape) == 0 or not bool(torch.isfinite(image).all()):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import XMGIEInputError
 from ..image_io import to_rgb8
-from ..validation import check_image
+from ..validation import rgb_image
 
 CLIPSEG_FOLDER = "clipseg"
 EXAMPLE_REPO = "CIDAS/clipseg-rd64-refined"
@@ -95,7 +95,7 @@ def clipseg_probabilities(image: torch.Tensor, phrases: list[str], folder: Path,
                           device: torch.device | str = "cpu") -> torch.Tensor:
     """Where the phrases are in an IMAGE [B, H, W, C] (0..1): [B, H, W] probabilities in [0, 1] (float32, CPU), the
     maximum over the phrases of sigmoid(CLIPSeg's logits) resized (bilinear) to H x W."""
-    check_image(image)
+    image = rgb_image(image)
     phrases = [p.strip() for p in phrases if p.strip()]
     if not phrases:
         raise XMGIEInputError("The CLIPSeg mode needs at least one phrase naming what to find, e.g. 'red scarf'.")

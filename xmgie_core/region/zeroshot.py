@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..cam import merge_heads, split_heads
 from ..errors import XMGIEInputError
-from ..validation import check_finite
+from ..validation import check_finite, rgb_image
 
 DEFAULT_STRENGTH_RANGE = (0.5, 0.5)
 """DiffEdit's mask noise (sec. 3.2): strength 50%, i.e. noise to half the schedule."""
@@ -39,7 +39,7 @@ def working_size(height: int, width: int, longest: int = 512, multiple: int = 64
 def working_pixels(image: torch.Tensor) -> torch.Tensor:
     """IMAGE [B,H,W,C] -> its RGB at `working_size` (antialiased bilinear), for the VAE of the U-Net modes."""
     h, w = working_size(*image.shape[1:3])
-    pixels = image[..., :3]
+    pixels = rgb_image(image)
     if (h, w) == tuple(image.shape[1:3]):
         return pixels
     return F.interpolate(pixels.movedim(-1, 1), size=(h, w), mode="bilinear", antialias=True,
