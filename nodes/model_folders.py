@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ..xmgie_core.errors import XMGIEInputError
+from ..xmgie_core.paths import real_path
 
 PACK_FOLDERS = ("LLM", "insightface", "xmgie", "clipseg")
 """Folders ComfyUI does not define itself; text_encoders and clip_vision are ComfyUI's own."""
@@ -37,18 +38,25 @@ def roots(kinds: tuple[str, ...]) -> list[Path]:
 
 
 def find_model_folder(name: str, kinds: tuple[str, ...], what: str, example: str) -> Path:
-    """A model folder: an absolute path, or a folder name under one of ComfyUI's models/<kind> folders."""
+    """A model folder: an absolute path, or a folder name under one of ComfyUI's models/<kind> folders. A name never
+    leaves those folders ('..' is refused), so an API client of a shared server cannot probe other folders by name;
+    a symlink loop is an error naming it."""
     places = " or ".join(f"ComfyUI/models/{k}/" for k in kinds)
     if not name.strip():
         raise XMGIEInputError(f"{what} needs a model folder: the name of a folder under {places} (e.g. {example}) "
                               "or an absolute path.")
     path = Path(name.strip()).expanduser()
     if path.is_absolute():
-        return path
+        return real_path(path, what + ": the model folder")
+    if ".." in path.parts:
+        raise XMGIEInputError(f"Model folder {name!r} climbs out of the model folders ('..'): names are looked up "
+                              f"inside {places} only. Give the folder's name there (e.g. {example}), or an absolute "
+                              "path.")
     searched = roots(kinds)
     for root in searched:
         if (root / path).is_dir():
-            return root / path
+            return real_path(root / path, what + ": the model folder")
+        real_path(root / path, what + ": the model folder")  # a symlink loop is named, not "not found"
     looked = ", ".join(str(r) for r in searched) or f"no {places} (not running inside ComfyUI)"
     raise XMGIEInputError(f"Model folder {name!r} not found; looked in: {looked}. Put the model's folder there "
                           f"(e.g. {places}{example}/).")

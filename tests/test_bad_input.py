@@ -114,7 +114,7 @@ CAM_CASES = {
                         "CAM mask contains NaN", "check the node"),
     "4-D mask": ({"mask": torch.ones(1, 1, 8, 8)}, "must be a MASK of shape", r"\[batch, height, width\]"),
     "integer mask": ({"mask": torch.ones(1, 8, 8, dtype=torch.uint8)}, "must be a float MASK", "0..1"),
-    "words not in prompt": ({"edit_words": "blue hat"}, "'blue hat' .* are not in the prompt",
+    "words not in prompt": ({"edit_words": "blue hat"}, "'blue hat' cannot be located in the prompt",
                             "Use words exactly as they appear"),
     "empty words": ({"edit_words": ""}, "No edit words given", "write the words to localize"),
     "only commas": ({"edit_words": " , ,"}, "No edit words given", "write the words to localize"),

@@ -164,6 +164,61 @@ def test_model_folders_are_registered_and_found_by_name(pack, tmp_path, monkeypa
         folders.find_model_folder(" ", ("clipseg",), "CLIPSeg", "clipseg-rd64-refined")
 
 
+@pytest.mark.parametrize("name", ["../secrets", "clipseg-tiny/../../models", "a/../b", ".."])
+def test_a_model_folder_name_never_leaves_the_model_folders(pack, tmp_path, monkeypatch, name):
+    import sys
+
+    (tmp_path / "extra" / "a").mkdir(parents=True)
+    (tmp_path / "extra" / "b").mkdir()
+    (tmp_path / "secrets").mkdir()
+    fake = types.SimpleNamespace(get_folder_paths=lambda kind: [str(tmp_path / "extra")])
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    with pytest.raises(ValueError, match=r"climbs out of the model folders \('\.\.'\): names are looked up inside "
+                                         r"ComfyUI/models/clipseg/ only"):
+        pack.nodes.model_folders.find_model_folder(name, ("clipseg",), "CLIPSeg", "clipseg-rd64-refined")
+
+
+@pytest.fixture()
+def symlink_loop(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop")
+    return tmp_path / "loop"
+
+
+def test_a_symlink_loop_as_a_model_folder_is_named_by_every_model_node(pack, symlink_loop, tmp_path, monkeypatch):
+    import sys
+
+    message = r"is a symlink loop \(a link that leads back to itself.*Point the link at the real model folder"
+    image = torch.rand(1, 32, 32, 3)
+    with pytest.raises(ValueError, match=message):
+        pack.NODE_CLASS_MAPPINGS["XMGIEInstruction"]().plan(image, "give the man a red scarf", "local model",
+                                                            str(symlink_loop), 0, 0.0, 64, False)
+    with pytest.raises(ValueError, match=message):
+        pack.NODE_CLASS_MAPPINGS["XMGIEMGIEGuidance"]().guide(image, "give the man a red scarf", str(symlink_loop), 0,
+                                                              96, False)
+    region = dict(mode="clipseg", instruction="x", target_description="a red scarf", source_description="a scarf",
+                  edit_words="red scarf", threshold=0.5, grow=0, smoothing=0.0, seed=0, draws=2, steps=2, strength=0.5)
+    with pytest.raises(ValueError, match=message):
+        pack.NODE_CLASS_MAPPINGS["XMGIERegionPredictor"]().predict(image, **region, clipseg_folder=str(symlink_loop))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "inside").symlink_to(symlink_loop)  # a loop met by name inside the model folders
+    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(
+        get_folder_paths=lambda kind: [str(tmp_path / "models")]))
+    with pytest.raises(ValueError, match=message):
+        pack.nodes.model_folders.find_model_folder("inside", ("clipseg",), "CLIPSeg", "clipseg-rd64-refined")
+
+
+def test_the_core_loaders_name_a_symlink_loop(symlink_loop):
+    from xmgie_core.instruction.local import GenerationSettings, local_plan
+    from xmgie_core.mgie.folder import cached_mgie
+    from xmgie_core.region.clipseg import load_clipseg
+
+    for load in (load_clipseg, cached_mgie,
+                 lambda f: local_plan(torch.rand(1, 8, 8, 3), "give the man a red scarf", f, GenerationSettings())):
+        with pytest.raises(ValueError, match="is a symlink loop"):
+            load(symlink_loop)
+
+
 NUMBER_CASES = [(node, name) for node, cls in load_pack().NODE_CLASS_MAPPINGS.items()
                 for name in load_pack().nodes.inputs.numeric_specs(cls)]
 

@@ -279,7 +279,7 @@ def test_edit_attention_bad_input(tiny_unet, scheduler, embeddings, change, matc
 
 
 def test_edit_words_not_in_the_prompt(clip_tokenizer):
-    with pytest.raises(XMGIEInputError, match=r"'blue hat'.*not in the prompt.*Use words exactly as they appear"):
+    with pytest.raises(XMGIEInputError, match=r"'blue hat'.*cannot be located in the prompt.*Use words exactly as they appear"):
         hf_token_positions(clip_tokenizer, PROMPT, "blue hat")
 
 

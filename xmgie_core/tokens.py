@@ -4,11 +4,13 @@ A prompt is a list of chunks of token ids (ComfyUI: 77-token chunks, each with s
 tokens and padding; an embedding vector is None). Index in the encoded context =
 chunk * chunk_length + position. Words are matched as whole BPE token sequences over the
 prompt's non-special tokens, so punctuation, weighting syntax such as "(red scarf:1.2)" and
-chunk boundaries do not get in the way.
+chunk boundaries do not get in the way; where the sequences differ (scripts without spaces, whose byte-level BPE
+pieces merge across word edges) the tokens that spell the words' text are taken instead.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any, Callable, Sequence
 
 from .errors import XMGIEInputError
@@ -35,25 +37,88 @@ def find_positions(chunks: Chunks, phrase: Sequence[int], special: set[int]) -> 
 
 
 def locate_phrases(chunks: Chunks, phrases: dict[str, Sequence[int]], special: set[int],
-                   decode: Callable[[int], str], what: str = "edit words") -> list[int]:
-    """Positions of all phrases; a phrase that is absent raises an error listing the prompt's tokens."""
+                   piece: Callable[[int], str], what: str = "edit words") -> list[int]:
+    """Positions of all phrases: whole token sequences first, else the text the byte-level pieces spell
+    (text_positions); a phrase found neither way raises an error showing the prompt as the tokenizer reads it.
+    `piece` gives a token id's vocabulary entry."""
     positions: set[int] = set()
     for text, ids in phrases.items():
-        hits = find_positions(chunks, ids, special)
+        hits = find_positions(chunks, ids, special) or text_positions(chunks, ids, special, piece)
         if not hits:
-            tokens = [decode(t) if t is not None else "<embedding>" for chunk in chunks for t in chunk
-                      if t not in special]
+            reads = b"".join(piece_bytes(piece(t)) for chunk in chunks for t in chunk
+                             if t is not None and t not in special).decode("utf-8", "replace").strip()
             raise XMGIEInputError(
-                f"The {what} {text!r} (tokens {[decode(t) for t in ids]}) are not in the prompt. "
-                f"The prompt's tokens are: {' '.join(tokens)}. Use words exactly as they appear in the prompt "
-                "(case does not matter; separate several phrases with commas)."
+                f"The {what} {text!r} cannot be located in the prompt. The prompt, as its tokenizer reads it: "
+                f"{reads!r}; the {what} read as {_spelled(ids, piece)!r}. Use words exactly as they appear in the "
+                "prompt (case does not matter; separate several phrases with commas)."
             )
         positions.update(hits)
     return sorted(positions)
 
 
-def _decoder(vocab_inverse: dict[int, str]) -> Callable[[int], str]:
-    return lambda t: vocab_inverse.get(t, str(t)).replace("</w>", "")
+def bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character table of byte-level BPE vocabularies (GPT-2's, which CLIP uses): printable
+    Latin-1 bytes stand for themselves, the rest are shifted past 255."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    table, shift = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + shift)
+            shift += 1
+    return table
+
+
+_BYTE_OF = {c: b for b, c in bytes_to_unicode().items()}
+
+
+def piece_bytes(piece: str) -> bytes:
+    """The text bytes a vocabulary entry stands for: byte-level characters mapped back to bytes, CLIP's word end
+    '</w>' a space (an entry that is not byte-level is its own UTF-8)."""
+    core, end = (piece[:-4], b" ") if piece.endswith("</w>") else (piece, b"")
+    if all(c in _BYTE_OF for c in core):
+        return bytes(_BYTE_OF[c] for c in core) + end
+    return core.encode() + end
+
+
+def _spelled(ids: Sequence[int], piece: Callable[[int], str]) -> str:
+    return b"".join(piece_bytes(piece(t)) for t in ids).decode("utf-8", "replace").strip()
+
+
+def _unspaced(char: str) -> bool:
+    """A character of a script written without spaces between words (Chinese, Japanese)."""
+    return unicodedata.name(char, "").startswith(("CJK", "HIRAGANA", "KATAKANA", "HALFWIDTH", "FULLWIDTH"))
+
+
+def _splits_a_word(left: str, right: str) -> bool:
+    """Whether a match boundary between these two characters would cut a space-separated word."""
+    return bool(left and right) and left.isalnum() and right.isalnum() and not (_unspaced(left) or _unspaced(right))
+
+
+def text_positions(chunks: Chunks, phrase: Sequence[int], special: set[int], piece: Callable[[int], str]) -> list[int]:
+    """Context indices of the tokens that spell `phrase`'s text, where the token sequences differ: byte-level BPE
+    merges a phrase differently inside a longer word (Chinese and Japanese run without spaces, so '红色围巾' alone
+    and inside '戴着红色围巾的男人' become other pieces). Every token overlapping an occurrence counts (a piece
+    that straddles the phrase's edge is included); a match may not cut a space-separated word."""
+    target = b"".join(piece_bytes(piece(t)) for t in phrase).strip()
+    if not target:
+        return []
+    stream = [(c * len(chunk) + i, piece_bytes(piece(t))) for c, chunk in enumerate(chunks) for i, t in enumerate(chunk)
+              if t is not None and t not in special]
+    text = b"".join(b for _, b in stream)
+    starts, offset = [], 0
+    for _, b in stream:
+        starts.append(offset)
+        offset += len(b)
+    first, last = target.decode("utf-8", "replace")[:1], target.decode("utf-8", "replace")[-1:]
+    found: set[int] = set()
+    at = text.find(target)
+    while at >= 0:
+        end = at + len(target)
+        before, after = text[:at].decode("utf-8", "ignore")[-1:], text[end:].decode("utf-8", "ignore")[:1]
+        if not (_splits_a_word(before, first) or _splits_a_word(last, after)):
+            found.update(index for (index, b), start in zip(stream, starts) if start < end and start + len(b) > at)
+        at = text.find(target, at + 1)
+    return sorted(found)
 
 
 def comfy_token_positions(clip: Any, prompt: str, words: str, what: str = "edit words") -> tuple[list[int], int]:
@@ -82,7 +147,7 @@ def _comfy_positions(sd_tokenizer: Any, token_chunks: list, words: str, what: st
     phrases = {p: [t for t in hf(p)["input_ids"] if t not in special] for p in parse_words(words)}
     if not phrases:
         raise XMGIEInputError(f"No {what} given: write the words to localize, e.g. 'red scarf'.")
-    return locate_phrases(chunks, phrases, special, _decoder(sd_tokenizer.inv_vocab), what), \
+    return locate_phrases(chunks, phrases, special, lambda t: sd_tokenizer.inv_vocab.get(t, ""), what), \
         sum(len(c) for c in chunks)
 
 
@@ -96,4 +161,4 @@ def hf_token_positions(tokenizer: Any, prompt: str, words: str, max_length: int 
     if not phrases:
         raise XMGIEInputError(f"No {what} given: write the words to localize, e.g. 'red scarf'.")
     inverse = {v: k for k, v in tokenizer.get_vocab().items()}
-    return locate_phrases([ids], phrases, special, _decoder(inverse), what)
+    return locate_phrases([ids], phrases, special, lambda t: inverse.get(t, ""), what)

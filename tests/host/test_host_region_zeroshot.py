@@ -154,7 +154,7 @@ def test_interrupt_stops_the_passes(region, sd15):
 
 
 @pytest.mark.parametrize("mode, change, match", [
-    ("attention", dict(edit_words="blue hat"), r"'blue hat'.*not in the prompt.*red.*scarf"),
+    ("attention", dict(edit_words="blue hat"), r"'blue hat'.*cannot be located in the prompt.*red.*scarf"),
     ("attention", dict(steps=0), r"steps must be a whole number of at least 1"),
     ("attention", dict(strength=0.0), r"strength must be above 0 and at most 1"),
     ("attention", dict(latent=torch.zeros(1, 16, 8, 8)), r"\[batch, 4, height, width\].*VAE Encode"),

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import XMGIEInputError
 from ..image_io import to_rgb8
+from ..paths import real_path
 from .plan import EditPlan, clean_instruction
 from .rules import rules_plan
 
@@ -116,7 +117,7 @@ def local_plan(image: torch.Tensor, instruction: str, folder: Path, settings: Ge
     """Caption the image, ask for the plan, parse it strictly; on a malformed answer use the rules backend and say
     so in the plan's `note` (and the log). Results are cached by (image, instruction, folder, settings)."""
     text = clean_instruction(instruction)
-    key = "|".join([image_digest(image), text, str(folder.resolve()), repr(settings)])
+    key = "|".join([image_digest(image), text, str(real_path(folder, "The local model folder")), repr(settings)])
     if key in _RESULTS:
         _RESULTS.move_to_end(key)
         return _RESULTS[key]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import XMGIEInputError
+from ..paths import real_path
 from .edit_head import EDIT_HEAD_DEFAULTS, NUM_IMG_TOKENS, EditMapper
 
 if TYPE_CHECKING:
@@ -337,7 +338,7 @@ _LOADED: dict[tuple[Path, str, torch.dtype], MGIE] = {}
 
 def cached_mgie(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> MGIE:
     """load_mgie_folder, kept for the next call with the same (folder, device, dtype) until `unload_mgie`."""
-    key = (Path(folder).resolve(), str(device), dtype)
+    key = (real_path(folder, "The MGIE model folder"), str(device), dtype)
     if key not in _LOADED:
         _LOADED[key] = load_mgie_folder(folder, device, dtype)
     return _LOADED[key]
@@ -345,7 +346,7 @@ def cached_mgie(folder: Path, device: torch.device | str = "cpu", dtype: torch.d
 
 def unload_mgie(folder: Path | None = None) -> None:
     """Forget one cached MGIE folder (every device/dtype), or all of them, and free their memory."""
-    target = Path(folder).resolve() if folder is not None else None
+    target = real_path(folder, "The MGIE model folder") if folder is not None else None
     for key in [k for k in _LOADED if target is None or k[0] == target]:
         del _LOADED[key]
     gc.collect()

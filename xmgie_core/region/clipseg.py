@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import XMGIEInputError
 from ..image_io import to_rgb8
+from ..paths import real_path
 from ..validation import rgb_image
 
 CLIPSEG_FOLDER = "clipseg"
@@ -85,7 +86,7 @@ _LOADED: dict[Path, CLIPSeg] = {}
 
 def load_clipseg(folder: Path) -> CLIPSeg:
     """The CLIPSeg model of `folder`, loaded once and kept until `unload_clipseg`."""
-    key = Path(folder).resolve()
+    key = real_path(folder, "The CLIPSeg model folder")
     if key not in _LOADED:
         _LOADED[key] = CLIPSeg(key)
     return _LOADED[key]
@@ -104,6 +105,6 @@ def clipseg_probabilities(image: torch.Tensor, phrases: list[str], folder: Path,
 
 def unload_clipseg(folder: Path | None = None) -> None:
     """Free one loaded CLIPSeg model (or all)."""
-    for key in [Path(folder).resolve()] if folder is not None else list(_LOADED):
+    for key in [real_path(folder, "The CLIPSeg model folder")] if folder is not None else list(_LOADED):
         _LOADED.pop(key, None)
     gc.collect()
