@@ -100,7 +100,9 @@ class XMGIEPFBGuider:
     RETURN_TYPES = ("GUIDER",)
     RETURN_NAMES = ("guider",)
     OUTPUT_TOOLTIPS = ("CFG guidance with PFB's source branch; give SamplerCustomAdvanced the VAE-encoded source as "
-                       "latent_image.",)
+                       "latent_image. Outside the mask the result is the source latent exactly only with "
+                       "latent_blend_end_percent 1.0 (below it the outside may drift after that fraction); an empty "
+                       "mask returns the source latent unchanged.",)
     DESCRIPTION = ("Progressive feature blending (PFB-Diff): a source branch runs beside the edit and its U-Net "
                    "features replace the edit's outside the mask at the chosen layers; the latent outside the mask "
                    "stays on the source trajectory for part of the schedule.")
@@ -147,8 +149,11 @@ class XMGIEPFBSampler:
     RETURN_TYPES = ("LATENT", "FLOAT", "STRING")
     RETURN_NAMES = ("latent", "ips", "report")
     OUTPUT_IS_LIST = (False, True, False)
-    OUTPUT_TOOLTIPS = ("The edited latent (the source outside the mask); with best-of-N, the candidates, highest "
-                       "identity preservation score first.",
+    OUTPUT_TOOLTIPS = ("The edited latent; with best-of-N, the candidates, highest identity preservation score "
+                       "first. Outside the mask it is the source latent exactly only with latent_blend_end_percent "
+                       "1.0; below that the outside follows the source until that fraction and may drift after it "
+                       "(the GB Compositor then restores the source's pixels there). An empty mask returns the "
+                       "source latent unchanged.",
                        "Best-of-N: each candidate's IPS, in the latent's order (empty otherwise).",
                        "Which faces were protected, and with best-of-N the IPS report per candidate and face.")
     DESCRIPTION = XMGIEPFBGuider.DESCRIPTION

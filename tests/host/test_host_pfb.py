@@ -205,6 +205,25 @@ def test_empty_mask_returns_the_source_with_a_warning(comfy_host, sd15, conds, c
     assert torch.equal(out, latent["samples"]) and "mask is empty" in caplog.text
 
 
+@pytest.mark.parametrize("latent_end", [0.5, 1.0])
+def test_guider_with_an_empty_mask_returns_the_source_exactly(comfy_host, sd15, conds, latent_end, caplog):
+    """The Guider route (SamplerCustomAdvanced) keeps the log's promise too, at the default latent blend end."""
+    nodes = comfy_host.nodes.NODE_CLASS_MAPPINGS
+    model, latent = sd15[0], source_latent(seed=5)
+    with caplog.at_level(logging.WARNING):
+        guider = nodes["XMGIEPFBGuider"]().get_guider(
+            model, conds["positive"], conds["negative"], 7.0, torch.zeros(1, 128, 128), "noised", "auto", 0.0, 1.0,
+            latent_end, True, False, 256, source=conds["source"])[0]
+
+    def call(name, *a):
+        cls = nodes[name]
+        return getattr(cls(), cls.FUNCTION)(*a)[0]
+
+    result = call("SamplerCustomAdvanced", call("RandomNoise", 11), guider, call("KSamplerSelect", "euler"),
+                  call("BasicScheduler", model, "normal", 3, 1.0), latent)
+    assert torch.equal(result["samples"], latent["samples"]) and "mask is empty" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def inpaint_unet(comfy_host, tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint's U-Net widened to 9 input channels (the inpainting layout), loaded by UNETLoader."""

@@ -171,6 +171,14 @@ def pfb_guider_class() -> type:
         def set_image_cfg(self, image_cfg: float) -> None:
             self.image_cfg = image_cfg
 
+        def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
+                   disable_pbar=False, seed=None):
+            """An empty mask edits nothing: the source latent is returned bit for bit, as the PFB Sampler does
+            (sampling it would let the whole latent drift once the latent blend ends)."""
+            if self.settings.empty:
+                return latent_image
+            return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+
         def guided(self, x, timestep, model_options, seed):
             """CFG, or with an image cond InstructPix2Pix's dual guidance, as ComfyUI's DualCFGGuider ('regular'):
             e(0,0) + s_I (e(I,0) - e(0,0)) + s_T (e(I,T) - e(I,0)), with s_T = cfg and s_I = image_cfg."""
