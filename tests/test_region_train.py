@@ -411,3 +411,22 @@ def test_the_losses_alone_teach_the_predictor_where_the_named_shape_is(tmp_path)
     assert learned >= 0.5
     assert learned >= 4 * max(everything, coin)
     assert iou(region, others).mean().item() < 0.1  # the named shape, not just any shape
+
+
+@pytest.mark.parametrize("change, flag", [({"lr": float("inf")}, "--lr inf"), ({"weight_decay": float("nan")},
+                                          "--weight-decay nan"), ({"seed": -1}, "--seed -1"),
+                                          ({"seed": 2**64}, "--seed 18446744073709551616")])
+def test_training_settings_no_run_can_use_are_refused(change, flag):
+    with pytest.raises(XMGIEInputError, match=rf"Invalid training settings: {flag}.* every number finite"):
+        TrainSettings(**change)
+    with pytest.raises(XMGIEInputError, match="must be finite and >= 0, got --alpha inf"):
+        LossWeights(alpha=float("inf"))
+
+
+def test_mgie_training_settings_no_run_can_use_are_refused():
+    from xmgie_core.mgie.train import MGIETrainSettings
+
+    for change, flag in (({"lr": float("inf")}, "--lr inf"), ({"alpha": float("inf")}, "--alpha inf"),
+                         ({"grad_clip": float("nan")}, "--grad-clip nan"), ({"seed": -5}, "--seed -5")):
+        with pytest.raises(XMGIEInputError, match=rf"Invalid training settings: {flag}"):
+            MGIETrainSettings(**change)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
+from . import limits
 from .errors import XMGIEInputError
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -50,6 +52,15 @@ def read_jsonl(path: Path, parse: Callable[[Any, Path, int], T], missing: str) -
     if not records:
         raise XMGIEInputError(f"{path} holds no records. {missing}")
     return records
+
+
+def unusable_numbers(settings: Any) -> list[str]:
+    """The CLI flags of a settings dataclass whose numbers no run can use: a float that is NaN or infinite, or a seed
+    outside ComfyUI's seed range (0..2^64-1)."""
+    bad = [f"--{f.name.replace('_', '-')} {getattr(settings, f.name)}" for f in fields(settings)
+           if isinstance(getattr(settings, f.name), float) and not math.isfinite(getattr(settings, f.name))]
+    seed = getattr(settings, "seed", 0)
+    return bad + ([f"--seed {seed}"] if not limits.SEED[0] <= seed <= limits.SEED[1] else [])
 
 
 def run_signature(settings: Any, changeable: tuple[str, ...]) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from ..errors import XMGIEInputError
 from ..image_io import check_out_dir, load_image
 from ..training import (CHECKPOINT, Position, StepLog, checkpoint_to_resume, distributed, epoch_sampler, field_error,
                         load_checkpoint, mean_over_ranks, read_jsonl, remaining_batches, resolve, run_cli,
-                        run_signature, save_checkpoint, setup_distributed)
+                        run_signature, save_checkpoint, setup_distributed, unusable_numbers)
 from .edit_head import NUM_IMG_TOKENS, EditMapper, mgie_conditioning
 from .folder import ADDED_TOKENS, CONVERT_HINT, load_mgie_folder, save_mgie_folder
 from .llava import MGIE, img_position, mgie_prompt
@@ -126,11 +126,12 @@ class MGIETrainSettings:
             bad.append(f"--text-drop {self.text_drop} --image-drop {self.image_drop} --both-drop {self.both_drop}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             bad.append(f"--lora-alpha {self.lora_alpha}")
+        bad += unusable_numbers(self)
         if bad:
             raise XMGIEInputError(f"Invalid training settings: {', '.join(bad)}. Steps, batch size, save-every and "
                                   "resolution must be >= 1, the learning rate and --lora-alpha > 0, weight decay, "
-                                  "alpha, grad-clip and lora-rank >= 0, and the three dropout probabilities in 0..1 "
-                                  "with a sum of at most 1.")
+                                  "alpha, grad-clip and lora-rank >= 0, the three dropout probabilities in 0..1 "
+                                  "with a sum of at most 1, every number finite and the seed in 0..2^64-1.")
 
     @property
     def lora_scale(self) -> float:

@@ -17,6 +17,7 @@ embedding, T_o / T_e CLIP's text embeddings of the source and target description
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +40,9 @@ class LossWeights:
     def __post_init__(self) -> None:
         values = {"alpha": self.alpha, "beta": self.beta, "lambda-g": self.lambda_g, "lambda-d": self.lambda_d,
                   "lambda-s": self.lambda_s}
-        negative = [f"--{k} {v}" for k, v in values.items() if not v >= 0]
+        negative = [f"--{k} {v}" for k, v in values.items() if not 0 <= v < math.inf]
         if negative:
-            raise XMGIEInputError(f"Loss weights must be >= 0, got {', '.join(negative)}.")
+            raise XMGIEInputError(f"Loss weights must be finite and >= 0, got {', '.join(negative)}.")
         if self.beta == 0 or self.lambda_g + self.lambda_d + self.lambda_s == 0:
             raise XMGIEInputError("With --beta 0 (or all of --lambda-g/-d/-s 0) no loss looks at the generator's "
                                   "render, so nothing tells the predictor where to edit: give L_CLIP a weight > 0.")

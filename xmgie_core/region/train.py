@@ -35,7 +35,7 @@ from ..errors import XMGIEInputError
 from ..image_io import check_out_dir
 from ..training import (CHECKPOINT, Position, StepLog, checkpoint_to_resume, distributed, epoch_sampler,
                         load_checkpoint, mean_over_ranks, remaining_batches, run_cli, run_signature, save_checkpoint,
-                        setup_distributed)
+                        setup_distributed, unusable_numbers)
 from .data import RegionDataset, collate, read_records
 from .encoders import ImageEncoder, InstructionEncoder, TextEncoder, load_clip_encoders, load_t5_instruction_encoder
 from .losses import (LossWeights, SemanticProjection, clip_directional_loss, clip_global_loss, clip_loss,
@@ -70,10 +70,11 @@ class TrainSettings:
         bad += [f"--weight-decay {self.weight_decay}"] if not self.weight_decay >= 0 else []
         bad += [f"--workers {self.workers}"] if self.workers < 0 else []
         bad += [f"--threshold {self.threshold}"] if not 0 < self.threshold < 1 else []
+        bad += unusable_numbers(self)
         if bad:
             raise XMGIEInputError(f"Invalid training settings: {', '.join(bad)}. Steps, batch size, save-every and "
                                   "heads must be >= 1, the learning rate > 0, weight decay and workers >= 0, the "
-                                  "threshold in (0, 1).")
+                                  "threshold in (0, 1), every number finite and the seed in 0..2^64-1.")
 
     def signature(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues (steps, save_every, workers may change)."""
