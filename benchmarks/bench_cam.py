@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _measure import in_memory_phase, memory_phase, peak_mb, time_calls  # noqa: E402
-from xmgie_core.cam import TokenRestriction, masked_cross_attention, stock_attention  # noqa: E402
+from xmgie_core.attention import stock_attention  # noqa: E402
+from xmgie_core.cam import TokenRestriction, masked_cross_attention  # noqa: E402
 
 SHAPES = [  # (label, batch, queries, keys, heads, head dim)
     ("SD1.5 64x64 latent, 320 ch", 2, 4096, 77, 8, 40),

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from ..xmgie_core import cam
-from ..xmgie_core.cam import RegionPyramid
+from ..xmgie_core.masks import RegionPyramid, is_empty
 from ..xmgie_core.errors import XMGIEInputError
 from ..xmgie_core.hosts.comfy_cam import (CAMSpec, CrossAttentionMaskPatch, PromptEncoding, install,
                                           running_workflows, workflow_texts)
@@ -76,7 +76,7 @@ class XMGIECrossAttentionMask:
         check_percent_window(start_percent, end_percent)
         check_range(strength, "strength", 0.0, 1.0)
         region = RegionPyramid(mask, threshold, allow_empty=True)
-        if not bool((region.mask >= 0.5).any()):
+        if is_empty(region.mask):
             LOG.warning("xMGIE Cross-Attention Mask: the mask is empty, so the edit words act nowhere (with the PFB "
                         "sampler the image is left unchanged). Paint the region to edit, or check the node that "
                         "predicted it.")

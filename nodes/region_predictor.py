@@ -14,7 +14,8 @@ from ..xmgie_core.errors import XMGIEInputError
 from ..xmgie_core.region.clipseg import clipseg_probabilities, unload_clipseg
 from ..xmgie_core.region.encoders import load_t5_instruction_encoder
 from ..xmgie_core.region.learned import predict_learned
-from ..xmgie_core.region.postprocess import GROW_RANGE, SMOOTH_RANGE, Finish, empty_items, finish_region
+from ..xmgie_core.masks import empty_items
+from ..xmgie_core.region.postprocess import GROW_RANGE, SMOOTH_RANGE, Finish, finish_region
 from ..xmgie_core.region.predictor import load_predictor
 from ..xmgie_core.region.preview import region_preview
 from ..xmgie_core.region.zeroshot import working_pixels

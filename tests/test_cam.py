@@ -7,8 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xmgie_core import cam
-from xmgie_core.cam import RegionPyramid, TokenRestriction, masked_cross_attention, stock_attention
+from xmgie_core import cam, masks
+from xmgie_core.attention import stock_attention
+from xmgie_core.cam import TokenRestriction, masked_cross_attention
+from xmgie_core.masks import RegionPyramid
 from xmgie_core.errors import XMGIEInputError
 
 
@@ -101,9 +103,20 @@ def test_zero_strength_is_stock_and_renormalized_rows_are_convex():
     assert bool((paper < 1).all())  # eq 11 does not renormalise
 
 
-def test_paper_mode_with_fractional_strength_uses_an_additive_mask():
-    test_kernel_matches_naive_reference.hypothesis.inner_test(
-        seed=5, b=2, nq=30, nk=12, heads=2, d=4, mode="paper", strength=0.7, n_edit=2, n_back=1)
+def test_fractional_weights_use_an_additive_mask_and_match_the_reference():
+    """With 0 < s < 1 the weights are not 0/1, so the fused kernel must get log M as a float (additive) mask; with
+    s = 1 a boolean mask suffices. Both must equal eqs 10-12 materialised."""
+    r = _restriction([2, 3], [5], strength=0.7)
+    region = (torch.arange(30) % 3 == 0).float()[None].expand(2, 30)
+    for mode in cam.MODES:
+        mask = cam.attention_mask(r.keep_rows(12, mode == "paper", torch.device("cpu")), region, torch.float32)
+        assert mask.dtype == torch.float32 and bool((mask < 0).any()), "fractional weights need log M"
+        g = torch.Generator().manual_seed(5)
+        q, k, v = torch.randn(2, 30, 8, generator=g), *torch.randn(2, 2, 12, 8, generator=g)
+        got = masked_cross_attention(q, k, v, 2, region, r, mode)
+        assert torch.allclose(got.double(), reference(q, k, v, 2, region, [2, 3], [5], 0.7, mode), atol=2e-5)
+    whole = cam.attention_mask(_restriction([2]).keep_rows(12, False, torch.device("cpu")), region, torch.float32)
+    assert whole.dtype == torch.bool
 
 
 def test_region_grid_thresholds_by_area_and_keeps_small_regions():
@@ -139,10 +152,10 @@ def test_tiled_positions_and_grid_inference():
     assert cam.tiled_positions(pos, 77, 154).tolist() == [3, 4, 80, 81]
     with pytest.raises(XMGIEInputError, match="multiple"):
         cam.tiled_positions(pos, 154, 231)
-    assert cam.infer_grid(64 * 48, (64, 48)) == (64, 48)
-    assert cam.infer_grid(3 * 4, (9, 13)) == (3, 4)
+    assert masks.infer_grid(64 * 48, (64, 48)) == (64, 48)
+    assert masks.infer_grid(3 * 4, (9, 13)) == (3, 4)
     with pytest.raises(XMGIEInputError):
-        cam.infer_grid(7, (64, 64))
+        masks.infer_grid(7, (64, 64))
 
 
 def test_unknown_mode_and_out_of_range_tokens():

@@ -14,7 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from xmgie_core.cam import RegionPyramid, TokenRestriction, masked_cross_attention, stock_attention
+from xmgie_core.attention import stock_attention
+from xmgie_core.cam import TokenRestriction, masked_cross_attention
+from xmgie_core.masks import RegionPyramid
 from xmgie_core.errors import XMGIEInputError
 from xmgie_core.hosts.comfy_cam import (CAMSpec, CrossAttentionMaskPatch, PromptEncoding, chunk_rows, install,
                                         workflow_texts)

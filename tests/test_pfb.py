@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from xmgie_core.cam import RegionPyramid
+from xmgie_core.masks import RegionPyramid
 from xmgie_core.errors import XMGIEInputError
 from xmgie_core.pfb import (BlendPlan, FeaturesComplete, SourceBranch, SourceCache, SourceRecord, UNetLayout,
                             blend_features, fingerprint, invert, latent_blend, layer_alpha, parse_layers)

@@ -15,7 +15,8 @@ from xmgie_core.errors import XMGIEInputError
 from xmgie_core.region.encoders import CLIPImageEncoder, T5InstructionEncoder
 from xmgie_core.region.learned import predict_learned
 from xmgie_core.region.multiscale import crop_boxes, multiscale_probability
-from xmgie_core.region.postprocess import Finish, empty_items, finish_region, grow_shrink, normalise
+from xmgie_core.masks import empty_items
+from xmgie_core.region.postprocess import Finish, finish_region, grow_shrink, normalise
 from xmgie_core.region.predictor import RegionConfig, RegionPredictor, load_predictor, read_config, save_predictor
 from xmgie_core.region.preview import region_preview
 

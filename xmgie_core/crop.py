@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import XMGIEInputError
-from .gb import binarize
+from .masks import binarize
 from .validation import check_image, check_range, mask_for_image
 
 CONTEXT_FACTOR = 1.5

@@ -25,6 +25,7 @@ import torch
 from .distance import distance_to_boundary, distance_to_outside, window
 from .errors import XMGIEInputError
 from .gaussian import snap_sigma, variable_gaussian_blur
+from .masks import binarize
 from .validation import check_image, check_range, mask_for_image, matching_images
 
 SIGMA_MAX = 5.0
@@ -61,11 +62,6 @@ def _check_params(sigma_max: float, sigma_scale: float) -> None:
 
 def _to_bchw(image: torch.Tensor) -> torch.Tensor:
     return image.permute(0, 3, 1, 2)
-
-
-def binarize(mask: torch.Tensor) -> torch.Tensor:
-    """M = mask >= 0.5 (soft masks are binarised for the distance transform)."""
-    return mask >= 0.5
 
 
 def active_distance(sigma_max: float, sigma_scale: float) -> float:

@@ -33,7 +33,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..cam import MODES, RegionPyramid, TokenRestriction, masked_cross_attention, stock_attention, tiled_positions
+from ..attention import stock_attention
+from ..cam import MODES, TokenRestriction, masked_cross_attention, tiled_positions
+from ..masks import RegionPyramid
 from ..errors import XMGIEInputError
 
 LEVELS = ("input", "middle", "output")

@@ -8,7 +8,9 @@ from typing import Iterator
 
 import torch
 
-from ..cam import RegionPyramid, TokenRestriction, masked_cross_attention, stock_attention
+from ..attention import stock_attention
+from ..cam import TokenRestriction, masked_cross_attention
+from ..masks import RegionPyramid
 from ..errors import XMGIEInputError
 
 

@@ -29,7 +29,8 @@ from ..identity.protect import protected_mask
 from ..instruction.plan import EditPlan
 from ..instruction.rules import rules_plan
 from ..pfb.settings import PFBSettings
-from ..region.postprocess import GROW_RANGE, SMOOTH_RANGE, Finish, empty_items, finish_region
+from ..masks import binarize, empty_items
+from ..region.postprocess import GROW_RANGE, SMOOTH_RANGE, Finish, finish_region
 from ..region.preview import region_preview
 from ..region.zeroshot import working_pixels
 from ..tokens import hf_token_positions
@@ -173,7 +174,7 @@ class EditResult:
             "settings": asdict(settings),
             "plan": asdict(self.plan),
             "edit_words": list(self.plan.edit_words),
-            "region_pixels": int((self.mask >= 0.5).sum()),
+            "region_pixels": int(binarize(self.mask).sum()),
             "crop": self.geometry.to_dict(),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "ips": self.ips,
@@ -304,7 +305,7 @@ def edit_photo(models: SD15, image: torch.Tensor, settings: EditSettings, mask: 
         if mask is None:
             mask, soft = predict_region(models, image, plan, settings)
         else:
-            mask = (mask_for_image(mask, image, "mask", "photo") >= 0.5).float()
+            mask = binarize(mask_for_image(mask, image, "mask", "photo")).float()
             soft = mask
         overlay = region_preview(image, mask, soft)
     with watch.stage("crop"):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cam import RegionPyramid
+from ..masks import RegionPyramid
 from ..errors import XMGIEInputError
 from ..validation import check_range
 

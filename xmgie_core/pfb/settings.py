@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from ..cam import RegionPyramid
+from ..masks import RegionPyramid, is_empty
 from ..errors import XMGIEInputError
 from .source import SourceCache
 
@@ -38,7 +38,7 @@ class PFBSettings:
 
     @property
     def empty(self) -> bool:
-        return not bool((self.region.mask >= 0.5).any())
+        return is_empty(self.region.mask)
 
     def private_or_shared_cache(self) -> SourceCache:
         return self.cache if self.cache is not None else SourceCache(self.cache_mb)

@@ -68,8 +68,3 @@ def finish_region(score: torch.Tensor, height: int, width: int, finish: Finish) 
     soft = soft.clamp(0, 1)
     mask = grow_shrink((soft >= finish.threshold).float(), finish.grow)
     return mask, soft
-
-
-def empty_items(mask: torch.Tensor) -> list[int]:
-    """Indices of the batch items whose mask has no region pixel."""
-    return [i for i in range(mask.shape[0]) if not bool(mask[i].any())]

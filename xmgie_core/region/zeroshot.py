@@ -20,7 +20,7 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 
-from ..cam import merge_heads, split_heads
+from ..attention import merge_heads, split_heads
 from ..errors import XMGIEInputError
 from ..validation import check_finite, rgb_image
 
