@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
 from .errors import XMGIEInputError
+from .weight_files import read_safetensors, safetensors_metadata
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
@@ -94,16 +95,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                     what: str) -> Position:
     """Restore what save_checkpoint wrote into `model` and `optimizer` (and the RNG); the format and run must match.
     `what` names the trainer in errors (e.g. "region")."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for a bad file
-        raise XMGIEInputError(f"{path} is not a readable checkpoint ({exc}); resume from another one or start a "
-                              "new --out.") from exc
+    label, fix = f"the {what} training checkpoint", "resume from another checkpoint or start a new --out"
+    meta = safetensors_metadata(path, label, fix)
+    tensors = read_safetensors(path, label, fix)
     if meta.get("format") != fmt:
         raise XMGIEInputError(f"{path} is not an xMGIE {what} training checkpoint; give the {CHECKPOINT} of a {what} "
                               "training run.")

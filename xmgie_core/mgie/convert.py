@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from ..errors import XMGIEInputError
+from ..weight_files import check_pickle, check_safetensors, corrupt, loading
 from .edit_head import EDIT_HEAD_DEFAULTS, NUM_IMG_TOKENS, EditMapper
 from .folder import ADDED_TOKENS, MGIEMeta, save_mgie_folder, token_ids
 
@@ -74,7 +75,8 @@ LLAVA_CONFIG_KEYS = ("use_mm_proj", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapte
 ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 DOWNLOADS = ("LLaMA-7B (transformers folder), LLaVA-Lightning-7B-delta-v1-1, ml-mgie's mgie_7b/mllm.pt and "
              "mgie_7b/unet.pt, and openai/clip-vit-large-patch14")
-RETRY = "point the option at the original downloaded file or folder and run the converter again"
+RETRY = ("point the option at the original downloaded file or folder (download it again if it is cut short: compare "
+         "its size and sha256 with the source's) and run the converter again")
 
 
 def _derived(key: str) -> bool:
@@ -98,6 +100,7 @@ def load_pickled_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     weights_only refuses any pickle that would build objects other than tensors and plain containers, so no code
     from the file ever runs; such a file is an XMGIEInputError.
     """
+    check_pickle(path, what, RETRY)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
@@ -108,9 +111,9 @@ def load_pickled_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
                 f"refused (torch.load with weights_only=True: {first}). xMGIE never executes code from model files; "
                 f"{RETRY} (the released files hold plain tensors only).") from None
         raise XMGIEInputError(f"{path} ({what}) is not a PyTorch tensor file ({first}); {RETRY}.") from None
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise XMGIEInputError(f"{path} ({what}) could not be read as a PyTorch tensor file ({e}); the file is damaged "
-                              f"or incomplete: {RETRY}.") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise corrupt(path, what, f"it could not be read as a PyTorch tensor file ({type(e).__name__}: {e})",
+                      RETRY) from None
     if not isinstance(obj, dict) or not obj:
         raise XMGIEInputError(f"{path} ({what}) holds a {type(obj).__name__}, not a dict of named tensors; {RETRY}.")
     bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
@@ -130,13 +133,11 @@ class TensorSource:
         self._shapes: dict[str, tuple[int, ...]] = {}
         for path in self.files:
             if path.suffix == ".safetensors":
-                try:
+                check_safetensors(path, label, RETRY)
+                with loading(path, label, RETRY):
                     handle = safe_open(str(path), framework="pt")
                     names = list(handle.keys())
                     shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in names}
-                except Exception as e:  # safetensors raises its own error type and OSError
-                    raise XMGIEInputError(f"{path} ({label}) could not be read as safetensors ({e}); the file is "
-                                          f"damaged or incomplete: {RETRY}.") from None
                 getter: Any = handle.get_tensor
             else:
                 tensors = load_pickled_tensors(path, label)
