@@ -25,7 +25,7 @@ def _missing_parents(path: Path) -> list[Path]:
 
 
 @contextmanager
-def staged(targets: list[Path], option: str = "--out") -> Iterator[list[Path]]:
+def staged(targets: list[Path]) -> Iterator[list[Path]]:
     """Yield a staging path for each target (in a new hidden folder beside it); write the outputs there.
 
     On a normal exit every target is swapped in: an existing target is moved aside, the new one renamed into its
@@ -43,7 +43,7 @@ def staged(targets: list[Path], option: str = "--out") -> Iterator[list[Path]]:
                 stages.append(Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial",
                                                     dir=target.parent)))
             except OSError as e:
-                raise XMGIEInputError(f"{option} {target} cannot be written ({e.strerror or e}). Choose a place "
+                raise XMGIEInputError(f"The output {target} cannot be written ({e.strerror or e}). Choose a place "
                                       "you can write to.") from None
         yield [stage / target.name for stage, target in zip(stages, targets)]
         _swap(targets, stages)

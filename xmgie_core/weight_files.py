@@ -26,7 +26,6 @@ import torch
 from .errors import XMGIEInputError
 
 FIX = ("download or copy it again, and compare its size and sha256 (`sha256sum FILE`) with those the source lists")
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 MAX_HEADER = 100 * 1024 * 1024
 """safetensors' own limit on the JSON header."""
 
@@ -89,30 +88,21 @@ def check_safetensors(path: Path, what: str, fix: str = FIX) -> None:
         raise corrupt(path, what, f"it has {size - expected} bytes more than its header describes ({expected})", fix)
 
 
-def check_pickle(path: Path, what: str) -> None:
+def check_pickle(path: Path, what: str, fix: str = FIX) -> None:
     """A PyTorch pickle: a complete zip archive (torch.save) or a legacy pickle stream."""
     path = Path(path)
-    size, start = _size_and_head(path, what)
+    size, start = _size_and_head(path, what, fix)
     if not start:
-        raise corrupt(path, what, "it is empty (0 bytes)")
+        raise corrupt(path, what, "it is empty (0 bytes)", fix)
     if start.startswith(b"PK\x03\x04"):
         if not zipfile.is_zipfile(path):
             raise corrupt(path, what, f"it is a zip archive (torch.save's format) without its end; {size} bytes were"
-                                      " written before it stopped")
+                                      " written before it stopped", fix)
         return
     if start[:1] != b"\x80":
         content = _content(start)
         raise corrupt(path, what, f"it holds {content}" if content else
-                      "it is neither a zip archive (torch.save) nor a pickle, so it is not a PyTorch checkpoint")
-
-
-def check_weight_file(path: Path, what: str) -> None:
-    """check_safetensors or check_pickle by the file's suffix (other files are left to their loader)."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".safetensors":
-        check_safetensors(path, what)
-    elif suffix in PICKLE_SUFFIXES:
-        check_pickle(path, what)
+                      "it is neither a zip archive (torch.save) nor a pickle, so it is not a PyTorch checkpoint", fix)
 
 
 def check_json(path: Path, what: str) -> None:
