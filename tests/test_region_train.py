@@ -442,6 +442,25 @@ def test_cli_names_a_bad_model_folder(tiny_folders, toy_records, tmp_path, capsy
     assert message in capsys.readouterr().err
 
 
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+
+
+@NO_GPU
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "--device cuda: no CUDA GPU is usable here"), ("cuda:1", "--device cuda:1: no CUDA GPU is usable here"),
+    ("gpu", "--device 'gpu' is not a device"), ("mps", "--device mps: no mps device is usable here"),
+])
+def test_a_device_this_machine_lacks_is_refused_before_any_work(tiny_folders, toy_records, tmp_path, capsys,
+                                                                 device, message):
+    assert cli(toy_records, tiny_folders, tmp_path / "run", "--steps", "1", "--device", device) == 2
+    err = capsys.readouterr().err
+    assert message in err and "cpu" in err.split(message)[1] and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    assert region_data.main(["build", "--captions", str(toy_records), "--out", str(tmp_path / "r.jsonl"),
+                             "--device", device]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "r.jsonl").exists()
+
+
 def test_encoders_of_different_widths_are_refused(toy_records, tmp_path):
     encoders = Encoders(ToyCLIP(dim=16), ToyText(), toy_instruction_encoder())
     with pytest.raises(XMGIEInputError, match="16-d but the instruction encoder's are 32-d"):

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
+from .device import resolve_device
 from .errors import XMGIEInputError
 from .weight_files import read_safetensors, safetensors_metadata
 
@@ -171,16 +172,18 @@ def keep_log_until(path: Path, step: int) -> None:
 
 
 def setup_distributed(device: str | None) -> torch.device:
-    """Under torchrun (WORLD_SIZE > 1): init the process group (NCCL on GPUs, else Gloo) and pick this rank's GPU."""
+    """--device checked (xmgie_core.device); under torchrun (WORLD_SIZE > 1): init the process group (NCCL on GPUs,
+    else Gloo) and pick this rank's GPU."""
+    chosen = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and device != "cpu"
+    cuda = chosen.type == "cuda"
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if world > 1 and cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
-    return torch.device(device or ("cuda" if cuda else "cpu"))
+    return chosen
 
 
 def run_cli(body: Callable[[], None]) -> int:

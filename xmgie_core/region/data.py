@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import Dataset
 
+from ..device import resolve_device
 from ..errors import XMGIEInputError
 from ..hosts.diffusers_models import load_sd15_pipeline
 from ..image_io import FORMATS_HINT, load_image, save_image, to_rgb8
@@ -219,6 +220,7 @@ class BuildSettings:
 
 
 def check_build_settings(s: BuildSettings) -> None:
+    resolve_device(s.device)
     if s.backend not in ("rules", "local"):
         raise XMGIEInputError(f"--backend {s.backend!r}: choose rules or local.")
     if s.backend == "local" and s.model_folder is None:
