@@ -266,6 +266,20 @@ def test_build_errors(captioned, tiny_generator, tmp_path, capsys):
     assert not (tmp_path / "r.jsonl").exists()
 
 
+def test_a_generator_cut_short_is_named_and_nothing_is_written(captioned, tiny_generator, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "sd15"
+    shutil.copytree(tiny_generator, bad)
+    weights = bad / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    out = tmp_path / "data" / "records.jsonl"
+    assert region_data.main(["build", "--captions", str(captioned), "--out", str(out), "--generator", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights} (the SD1.5 model of --generator) looks truncated or corrupt" in err and "sha256" in err
+    assert not (tmp_path / "data").exists()
+
+
 def test_build_renders_with_a_diffusers_img2img_generator(captioned, tiny_generator, tmp_path):
     from PIL import Image
 
