@@ -129,6 +129,23 @@ def test_a_diffusers_checkpoint_folder_loads(tmp_path, scarf_mask):
     check_outside_is_source(pixels(files["edit"]), pixels(SOURCE), pixels(scarf_mask)[..., 0] >= 128)
 
 
+def test_a_checkpoint_cut_short_is_named(tmp_path, capsys):
+    """A partly downloaded diffusers folder: its U-Net weights stop half way."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    tiny = de.tiny_sd15(tmp_path / "tok")
+    StableDiffusionImg2ImgPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
+                                   unet=tiny.unet, scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False).save_pretrained(tmp_path / "sd15")
+    weights = tmp_path / "sd15" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    code = cli.main(["edit", "--image", str(SOURCE), "--instruction", INSTRUCTION, "--out", str(tmp_path / "o"),
+                     "--checkpoint", str(tmp_path / "sd15")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{weights} (the SD1.5 model of --checkpoint) looks truncated or corrupt" in err
+    assert "sha256" in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "No model: pass --checkpoint"),
     (["--tiny", "--checkpoint", "x.safetensors"], "exclude each other"),

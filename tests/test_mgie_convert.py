@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -333,6 +334,77 @@ def test_existing_outputs_need_overwrite(release: Release, tmp_path: Path):
         convert(**release.args(), out_llm=out / "x", out_unet=out / "unet.ckpt", progress=False)
     with pytest.raises(XMGIEInputError, match=r"--dtype 'fp8'"):
         _run(release, tmp_path / "o2", dtype="fp8")
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("which, damage, says", [
+    ("unet", lambda p: p.write_text("hello, these are not the weights\n"), "it holds text"),
+    ("unet", _cut, "zip archive .* without its end"),
+    ("mllm", lambda p: p.write_bytes(b""), r"empty \(0 bytes\)"),
+    ("llama", _cut, "missing: the download or copy stopped early"),
+    ("delta", lambda p: p.write_bytes(bytes(range(256)) * 8), "neither a zip archive .* nor a pickle"),
+], ids=["unet-text", "unet-cut", "mllm-empty", "llama-shard-cut", "delta-shard-garbage"])
+def test_damaged_inputs_are_named(fresh: Release, tmp_path: Path, which: str, damage, says: str):
+    target = {"unet": fresh.unet, "mllm": fresh.mllm, "llama": fresh.llama / "model-00001-of-00002.safetensors",
+              "delta": fresh.delta / "pytorch_model-00001-of-00002.bin"}[which]
+    damage(target)
+    message = _fails(fresh, tmp_path, rf"{re.escape(str(target))} \(.*\) looks truncated or corrupt: .*{says}")
+    assert "sha256" in message
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("outputs, match", [
+    (lambda r, t: dict(out_llm=r.llama), r"--out-llm .* is, holds or lies inside the input --llama"),
+    (lambda r, t: dict(out_llm=r.delta / "sub"), r"--out-llm .* lies inside the input --delta"),
+    (lambda r, t: dict(out_llm=r.clip / ".." / r.clip.name), r"--out-llm .* the input --clip"),
+    (lambda r, t: dict(out_unet=r.clip / "u.safetensors"), r"--out-unet .* lies inside the input --clip"),
+    (lambda r, t: dict(out_unet=t / "o" / "m" / "u.safetensors"), r"--out-unet .* lies inside --out-llm"),
+    (lambda r, t: dict(out_unet=Path("/proc/xmgie/u.safetensors")), r"/proc/xmgie/u\.safetensors cannot be written"),
+    (lambda r, t: dict(out_llm=Path("/proc/xmgie/m")), r"/proc/xmgie/m cannot be written"),
+    (lambda r, t: dict(out_llm=r.llama.parent), r"--out-llm .* holds .* the input --llama"),
+], ids=["llm-is-input", "llm-in-input", "llm-is-input-via-dotdot", "unet-in-input", "unet-in-llm",
+        "unet-unwritable", "llm-unwritable", "llm-holds-inputs"])
+def test_outputs_are_checked_before_any_work_and_never_inside_an_input(fresh: Release, tmp_path: Path, monkeypatch,
+                                                                       outputs, match):
+    import xmgie_core.mgie.convert as convert_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the inputs were read before the outputs were checked")
+
+    monkeypatch.setattr(convert_module, "_gather_inputs", no_work)
+    before = _tree(fresh.root)
+    args = {"out_llm": tmp_path / "o" / "m", "out_unet": tmp_path / "o" / "u.safetensors", **outputs(fresh, tmp_path)}
+    with pytest.raises(XMGIEInputError, match=match):
+        convert(**fresh.args(), **args, overwrite=True, progress=False, log=lambda _: None)
+    assert _tree(fresh.root) == before and not (tmp_path / "o").exists()
+
+
+def test_overwrite_replaces_only_converter_outputs_and_a_failure_keeps_them(release: Release, tmp_path: Path,
+                                                                            monkeypatch):
+    import xmgie_core.mgie.convert as convert_module
+
+    out = tmp_path / "out"
+    (out / "mgie_tiny").mkdir(parents=True)
+    (out / "mgie_tiny" / "notes.txt").write_text("mine")
+    with pytest.raises(XMGIEInputError, match=r"not an MGIE folder .* not replaced even with --overwrite"):
+        _run(release, out, overwrite=True)
+    (out / "mgie_tiny" / "notes.txt").unlink()
+    _run(release, out)
+    before = _tree(out)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, "write_unet", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        _run(release, out, overwrite=True, dtype="fp32")
+    assert _tree(out) == before and sorted(p.name for p in out.iterdir()) == ["mgie_tiny", "mgie_tiny_unet.safetensors"]
 
 
 def test_tiny_diffusers_mapping_is_complete():

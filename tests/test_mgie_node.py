@@ -55,3 +55,15 @@ def test_user_errors(pack, mgie_dir, change, message):
             "max_new_tokens": 96, "keep_loaded": False, **change}
     with pytest.raises(ValueError, match=message):
         node.guide(**args)
+
+
+def test_a_truncated_model_file_is_named(pack, mgie_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "mgie-cut"
+    shutil.copytree(mgie_dir, bad)
+    weights = bad / "vision" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    node = pack.NODE_CLASS_MAPPINGS["XMGIEMGIEGuidance"]()
+    with pytest.raises(ValueError, match=rf"{weights} \(a file of the MGIE folder\) looks truncated or corrupt.*sha256"):
+        node.guide(torch.rand(1, 32, 32, 3), INSTRUCTION, str(bad), 0, 96, False)

@@ -489,6 +489,25 @@ def test_cli_names_a_bad_model(folders, records, tmp_path, capsys, which, damage
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_a_gpu_is_refused_before_any_work(folders, records, tmp_path, capsys):
+    assert cli(folders, records, tmp_path / "run", "--steps", "1", "--device", "cuda") == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: no CUDA GPU is usable here" in err and "Pass --device cpu" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("file", ["mgie.safetensors", "model.safetensors"])
+def test_a_truncated_mgie_folder_is_named(folders, records, tmp_path, capsys, file):
+    bad = tmp_path / "mgie"
+    shutil.copytree(folders["mgie"], bad)
+    (bad / file).write_bytes((bad / file).read_bytes()[:1000])
+    assert cli({**folders, "mgie": bad}, records, tmp_path / "run", "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert f"{bad / file} (" in err and "looks truncated or corrupt" in err and "sha256" in err
+    assert not (tmp_path / "run").exists()
+
+
 def re_search(pattern: str, text: str) -> bool:
     import re
 

@@ -266,6 +266,20 @@ def test_build_errors(captioned, tiny_generator, tmp_path, capsys):
     assert not (tmp_path / "r.jsonl").exists()
 
 
+def test_a_generator_cut_short_is_named_and_nothing_is_written(captioned, tiny_generator, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "sd15"
+    shutil.copytree(tiny_generator, bad)
+    weights = bad / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    out = tmp_path / "data" / "records.jsonl"
+    assert region_data.main(["build", "--captions", str(captioned), "--out", str(out), "--generator", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights} (the SD1.5 model of --generator) looks truncated or corrupt" in err and "sha256" in err
+    assert not (tmp_path / "data").exists()
+
+
 def test_build_renders_with_a_diffusers_img2img_generator(captioned, tiny_generator, tmp_path):
     from PIL import Image
 
@@ -295,6 +309,78 @@ def test_build_with_the_local_vlm_takes_its_target_description(captioned, tmp_pa
     records = read_records(out, need_renders=False)
     assert [r.t_e for r in records] == [plan["target_description"]] * 2
     assert records[1].t_ins == rules_edit("a yellow ball on a table")[0]
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under `folder` (hidden staging folders included)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_rebuilding_refuses_to_replace_a_data_set_unless_told_to(captioned, tiny_generator, tmp_path, capsys):
+    out = tmp_path / "data" / "records.jsonl"
+    args = ["build", "--captions", str(captioned), "--out", str(out), "--generator", str(tiny_generator), "--steps",
+            "2", "--size", "64"]
+    assert region_data.main([*args, "--seed", "1"]) == 0
+    before = snapshot(out.parent)
+    assert len(before) == 3  # records.jsonl + 2 renders
+    assert region_data.main([*args, "--seed", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a data set" in err and "--overwrite" in err
+    assert snapshot(out.parent) == before
+    assert region_data.main([*args, "--seed", "2", "--overwrite"]) == 0
+    after = snapshot(out.parent)
+    assert set(after) == set(before) and after != before  # replaced in place, nothing left beside it
+    assert len(read_records(out)) == 2
+
+
+def test_an_interrupted_build_leaves_the_old_data_set_intact(captioned, tiny_generator, tmp_path, monkeypatch):
+    out = tmp_path / "records.jsonl"
+    args = ["build", "--captions", str(captioned), "--out", str(out), "--generator", str(tiny_generator), "--steps",
+            "2", "--size", "64"]
+    assert region_data.main([*args, "--seed", "1"]) == 0
+    before = snapshot(tmp_path)
+    real, calls = region_data.render, []
+
+    def render_then_ctrl_c(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(region_data, "render", render_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        region_data.main([*args, "--seed", "2", "--overwrite"])
+    assert len(calls) == 2 and snapshot(tmp_path) == before  # no .tmp, no partial folder, old records and renders
+
+
+def test_outputs_and_images_are_checked_before_any_work(captioned, tiny_generator, tmp_path, capsys, monkeypatch):
+    def no_generator(*a, **k):
+        raise AssertionError("the generator was loaded before the outputs were checked")
+
+    monkeypatch.setattr(region_data, "load_sd15_pipeline", no_generator)
+    (tmp_path / "folder").mkdir()
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    not_images = tmp_path / "captions.jsonl"
+    write_jsonl(not_images, [{"image": str(text), "caption": "a red car"}])
+    cases = [
+        (["--captions", str(captioned), "--out", str(tmp_path / "folder")], "is a folder; give the records file"),
+        (["--captions", str(captioned), "--out", "/proc/xmgie/records.jsonl"], "cannot be written"),
+        (["--captions", str(captioned), "--out", str(captioned), "--overwrite"], "would replace the input"),
+        (["--captions", str(not_images), "--out", str(tmp_path / "r.jsonl")], "notes.png is not a readable image"),
+    ]
+    before = snapshot(tmp_path)
+    for argv, message in cases:
+        assert region_data.main(["build", *argv, "--generator", str(tiny_generator)]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert region_data.main(["build", "--captions", str(not_images), "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "is not a readable image" in capsys.readouterr().err
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("my notes\n")
+    assert region_data.main(["build", "--captions", str(captioned), "--out", str(notes), "--overwrite"]) == 2
+    assert "is not a region data set" in capsys.readouterr().err
+    assert snapshot(tmp_path) == {**before, "notes.jsonl": b"my notes\n"}
 
 
 # --- the training CLI on tiny transformers models -----------------------------------------------------------------
@@ -368,6 +454,25 @@ def test_cli_names_a_bad_model_folder(tiny_folders, toy_records, tmp_path, capsy
     clip, t5 = (folder, tiny_folders[1]) if which == "clip" else (tiny_folders[0], folder)
     assert cli(toy_records, (clip, t5), tmp_path / "run", "--steps", "1") == 2
     assert message in capsys.readouterr().err
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+
+
+@NO_GPU
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "--device cuda: no CUDA GPU is usable here"), ("cuda:1", "--device cuda:1: no CUDA GPU is usable here"),
+    ("gpu", "--device 'gpu' is not a device"), ("mps", "--device mps: no mps device is usable here"),
+])
+def test_a_device_this_machine_lacks_is_refused_before_any_work(tiny_folders, toy_records, tmp_path, capsys,
+                                                                 device, message):
+    assert cli(toy_records, tiny_folders, tmp_path / "run", "--steps", "1", "--device", device) == 2
+    err = capsys.readouterr().err
+    assert message in err and "cpu" in err.split(message)[1] and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    assert region_data.main(["build", "--captions", str(toy_records), "--out", str(tmp_path / "r.jsonl"),
+                             "--device", device]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "r.jsonl").exists()
 
 
 def test_encoders_of_different_widths_are_refused(toy_records, tmp_path):

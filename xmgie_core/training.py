@@ -17,7 +17,9 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
 from . import limits
+from .device import resolve_device
 from .errors import XMGIEInputError
+from .weight_files import read_safetensors, safetensors_metadata
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
@@ -105,16 +107,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                     what: str) -> Position:
     """Restore what save_checkpoint wrote into `model` and `optimizer` (and the RNG); the format and run must match.
     `what` names the trainer in errors (e.g. "region")."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for a bad file
-        raise XMGIEInputError(f"{path} is not a readable checkpoint ({exc}); resume from another one or start a "
-                              "new --out.") from exc
+    label, fix = f"the {what} training checkpoint", "resume from another checkpoint or start a new --out"
+    meta = safetensors_metadata(path, label, fix)
+    tensors = read_safetensors(path, label, fix)
     if meta.get("format") != fmt:
         raise XMGIEInputError(f"{path} is not an xMGIE {what} training checkpoint; give the {CHECKPOINT} of a {what} "
                               "training run.")
@@ -188,16 +183,18 @@ def keep_log_until(path: Path, step: int) -> None:
 
 
 def setup_distributed(device: str | None) -> torch.device:
-    """Under torchrun (WORLD_SIZE > 1): init the process group (NCCL on GPUs, else Gloo) and pick this rank's GPU."""
+    """--device checked (xmgie_core.device); under torchrun (WORLD_SIZE > 1): init the process group (NCCL on GPUs,
+    else Gloo) and pick this rank's GPU."""
+    chosen = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and device != "cpu"
+    cuda = chosen.type == "cuda"
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if world > 1 and cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
-    return torch.device(device or ("cuda" if cuda else "cpu"))
+    return chosen
 
 
 def run_cli(body: Callable[[], None]) -> int:

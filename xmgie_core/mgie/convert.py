@@ -55,8 +55,10 @@ import torch
 from torch import nn
 
 from ..errors import XMGIEInputError
+from ..staging import overlap, staged
+from ..weight_files import check_pickle, check_safetensors, corrupt, loading
 from .edit_head import EDIT_HEAD_DEFAULTS, NUM_IMG_TOKENS, EditMapper
-from .folder import ADDED_TOKENS, MGIEMeta, save_mgie_folder, token_ids
+from .folder import ADDED_TOKENS, META_FILE, MGIEMeta, save_mgie_folder, token_ids
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 UNET_FORMAT = "xmgie-mgie-unet-1"
@@ -74,7 +76,8 @@ LLAVA_CONFIG_KEYS = ("use_mm_proj", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapte
 ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 DOWNLOADS = ("LLaMA-7B (transformers folder), LLaVA-Lightning-7B-delta-v1-1, ml-mgie's mgie_7b/mllm.pt and "
              "mgie_7b/unet.pt, and openai/clip-vit-large-patch14")
-RETRY = "point the option at the original downloaded file or folder and run the converter again"
+RETRY = ("point the option at the original downloaded file or folder (download it again if it is cut short: compare "
+         "its size and sha256 with the source's) and run the converter again")
 
 
 def _derived(key: str) -> bool:
@@ -98,6 +101,7 @@ def load_pickled_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     weights_only refuses any pickle that would build objects other than tensors and plain containers, so no code
     from the file ever runs; such a file is an XMGIEInputError.
     """
+    check_pickle(path, what, RETRY)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
@@ -108,9 +112,9 @@ def load_pickled_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
                 f"refused (torch.load with weights_only=True: {first}). xMGIE never executes code from model files; "
                 f"{RETRY} (the released files hold plain tensors only).") from None
         raise XMGIEInputError(f"{path} ({what}) is not a PyTorch tensor file ({first}); {RETRY}.") from None
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise XMGIEInputError(f"{path} ({what}) could not be read as a PyTorch tensor file ({e}); the file is damaged "
-                              f"or incomplete: {RETRY}.") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise corrupt(path, what, f"it could not be read as a PyTorch tensor file ({type(e).__name__}: {e})",
+                      RETRY) from None
     if not isinstance(obj, dict) or not obj:
         raise XMGIEInputError(f"{path} ({what}) holds a {type(obj).__name__}, not a dict of named tensors; {RETRY}.")
     bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
@@ -130,13 +134,11 @@ class TensorSource:
         self._shapes: dict[str, tuple[int, ...]] = {}
         for path in self.files:
             if path.suffix == ".safetensors":
-                try:
+                check_safetensors(path, label, RETRY)
+                with loading(path, label, RETRY):
                     handle = safe_open(str(path), framework="pt")
                     names = list(handle.keys())
                     shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in names}
-                except Exception as e:  # safetensors raises its own error type and OSError
-                    raise XMGIEInputError(f"{path} ({label}) could not be read as safetensors ({e}); the file is "
-                                          f"damaged or incomplete: {RETRY}.") from None
                 getter: Any = handle.get_tensor
             else:
                 tensors = load_pickled_tensors(path, label)
@@ -648,11 +650,19 @@ class ConvertResult:
     """Tensors of the CLIP checkpoint's text half (deliberately unused)."""
 
 
-def _check_outputs(out_llm: Path, out_unet: Path, overwrite: bool) -> None:
+def _check_outputs(out_llm: Path, out_unet: Path, inputs: dict[str, Path], overwrite: bool) -> None:
+    """Before any work: the outputs are new (or, with `overwrite`, earlier outputs of the converter) and lie apart
+    from every input and from each other (resolved paths: links and `..` followed)."""
     if out_unet.suffix != ".safetensors":
         raise XMGIEInputError(f"--out-unet {out_unet} must end in .safetensors (ComfyUI's UNETLoader lists "
                               f"models/diffusion_models/*.safetensors); e.g. --out-unet "
                               f"ComfyUI/models/diffusion_models/mgie_7b_unet.safetensors.")
+    for option, out in (("--out-llm", out_llm), ("--out-unet", out_unet)):
+        for name, path in inputs.items():
+            if overlap(out, path):
+                raise XMGIEInputError(f"{option} {out} is, holds or lies inside the input --{name} {path}; the "
+                                      f"converter never writes into its inputs: choose an output outside them (e.g. "
+                                      f"under ComfyUI/models/).")
     if out_unet.is_dir():
         raise XMGIEInputError(f"--out-unet {out_unet} is a folder; give a file name ending in .safetensors.")
     if out_unet.exists() and not overwrite:
@@ -660,9 +670,16 @@ def _check_outputs(out_llm: Path, out_unet: Path, overwrite: bool) -> None:
                               f"--overwrite.")
     if out_llm.exists() and not out_llm.is_dir():
         raise XMGIEInputError(f"--out-llm {out_llm} is a file; give a folder (e.g. ComfyUI/models/LLM/mgie_7b).")
-    if out_llm.is_dir() and any(out_llm.iterdir()) and not overwrite:
-        raise XMGIEInputError(f"--out-llm {out_llm} already exists and is not empty; delete it, choose another folder, "
-                              f"or pass --overwrite to write the MGIE folder's files into it.")
+    if out_llm.is_dir() and any(out_llm.iterdir()):
+        if not overwrite:
+            raise XMGIEInputError(f"--out-llm {out_llm} already exists and is not empty; delete it, choose another "
+                                  f"folder, or pass --overwrite to replace the MGIE folder in it.")
+        if not (out_llm / META_FILE).is_file():
+            raise XMGIEInputError(f"--out-llm {out_llm} is not empty and is not an MGIE folder (it has no "
+                                  f"{META_FILE}), so it is not replaced even with --overwrite; choose another folder.")
+    if overlap(out_llm, out_unet):
+        raise XMGIEInputError(f"--out-unet {out_unet} lies inside --out-llm {out_llm}; keep them apart (ComfyUI "
+                              f"reads models/LLM/<folder> and models/diffusion_models/<file>.safetensors).")
 
 
 @dataclass
@@ -809,16 +826,26 @@ def _plan_vision(inputs: _Inputs, plan: _Plan, ledger: _Ledger, hidden: int) -> 
 def convert(llama: Path, delta: Path, mllm: Path, unet: Path, clip: Path, out_llm: Path, out_unet: Path,
             dtype: str = "fp16", overwrite: bool = False, progress: bool = True,
             log: Callable[[str], None] | None = None) -> ConvertResult:
-    """Check every input, hash it, then write the MGIE folder and the ComfyUI U-Net file (module docstring)."""
-    from transformers import CLIPImageProcessor
-
+    """Check every output and input, hash the inputs, then write the MGIE folder and the ComfyUI U-Net file (module
+    docstring). Both are written beside their places and swapped in together at the end: a failure or Ctrl-C leaves
+    no partial output and earlier outputs as they were; nothing is ever written into an input."""
     say = log or (lambda message: print(message, file=sys.stderr))
     if dtype not in DTYPES:
         raise XMGIEInputError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}; fp16 is the default.")
-    torch_dtype = DTYPES[dtype]
     llama, delta, mllm, unet, clip = (Path(p).expanduser() for p in (llama, delta, mllm, unet, clip))
     out_llm, out_unet = Path(out_llm).expanduser(), Path(out_unet).expanduser()
-    _check_outputs(out_llm, out_unet, overwrite)
+    _check_outputs(out_llm, out_unet, dict(llama=llama, delta=delta, mllm=mllm, unet=unet, clip=clip), overwrite)
+    with staged([out_llm, out_unet]) as (stage_llm, stage_unet):  # written beside, swapped in when both are done
+        sources, unused_clip = _convert(llama, delta, mllm, unet, clip, stage_llm, stage_unet, dtype, progress, say)
+    return ConvertResult(out_llm, out_unet, sources, unused_clip)
+
+
+def _convert(llama: Path, delta: Path, mllm: Path, unet: Path, clip: Path, out_llm: Path, out_unet: Path,
+             dtype: str, progress: bool, say: Callable[[str], None]) -> tuple[dict[str, str], int]:
+    """convert()'s work, writing into the staging paths; returns the inputs' checksums and the unused CLIP count."""
+    from transformers import CLIPImageProcessor
+
+    torch_dtype = DTYPES[dtype]
 
     # 1. Read configs, tensor names and shapes; decide where every output tensor comes from (cheap, fails fast).
     say("checking the inputs ...")
@@ -859,7 +886,7 @@ def convert(llama: Path, delta: Path, mllm: Path, unet: Path, clip: Path, out_ll
     meta = MGIEMeta.from_tokenizer(tokenizer, image_token_len=(image_size // patch) ** 2,
                                    vision_select_layer=plan.vision_select_layer, edit_head=dict(plan.edit_head_args),
                                    sources=dict(sources))
-    say(f"writing {out_llm} ...")
+    say("writing the MGIE folder ...")
     save_mgie_folder(out_llm, llm, tokenizer, vision, image_processor, projector.to(torch_dtype).eval(),
                      edit_head.to(torch_dtype).eval(), meta)
     del llm, vision
@@ -868,9 +895,9 @@ def convert(llama: Path, delta: Path, mllm: Path, unet: Path, clip: Path, out_ll
     metadata = {"xmgie_format": UNET_FORMAT, "xmgie_sources": json.dumps(sources, sort_keys=True),
                 "xmgie_unet_source": "unet/" + unet.name, "xmgie_dtype": dtype,
                 "xmgie_layout": "ComfyUI/LDM UNetModel keys (SD1.5 InstructPix2Pix, in_channels 8)"}
-    say(f"writing {out_unet} ...")
+    say("writing the U-Net ...")
     write_unet(unet_tensors, out_unet, torch_dtype, metadata, progress)
-    return ConvertResult(out_llm, out_unet, sources, unused_clip)
+    return sources, unused_clip
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import XMGIEInputError
 from ..paths import real_path
+from ..weight_files import check_model_folder, loading, read_safetensors
 from .edit_head import EDIT_HEAD_DEFAULTS, NUM_IMG_TOKENS, EditMapper
 
 if TYPE_CHECKING:
@@ -264,8 +265,9 @@ def save_mgie_folder(folder: Path, llm: Any, tokenizer: Any, vision: Any, image_
 
 
 def _from_pretrained(cls: Any, directory: Path, dtype: torch.dtype, what: str) -> Any:
-    model, info = cls.from_pretrained(directory, local_files_only=True, trust_remote_code=False, use_safetensors=True,
-                                      dtype=dtype, output_loading_info=True)
+    with loading(directory, f"the MGIE folder's {what} model"):
+        model, info = cls.from_pretrained(directory, local_files_only=True, trust_remote_code=False,
+                                          use_safetensors=True, dtype=dtype, output_loading_info=True)
     bad = {k: list(v) for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
     if bad:
         raise XMGIEInputError(f"The {what} weights in {directory} do not fit its config.json ({bad}); the folder is "
@@ -280,27 +282,23 @@ def load_mgie_folder(folder: Path, device: torch.device | str = "cpu", dtype: to
 
     Every tensor of mgie.safetensors must be used and none may be missing.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlamaForCausalLM
 
     from .llava import MGIE
 
     folder = Path(folder)
     check_mgie_folder(folder)
+    check_model_folder(folder, "a file of the MGIE folder")
     meta = MGIEMeta.from_json((folder / META_FILE).read_text(encoding="utf-8"))
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config.get("model_type") != "llama":
         raise XMGIEInputError(f"{folder / 'config.json'} is a {config.get('model_type')!r} model; MGIE's language "
                               f"model is LLaMA (model_type 'llama'). Re-create the folder: {CONVERT_HINT}.")
     options = dict(local_files_only=True, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(folder, **options)
+    with loading(folder, "the MGIE folder's tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(folder, **options)
     check_tokens(tokenizer, meta)
-    try:
-        tensors = load_file(str(folder / TENSORS_FILE))
-    except (SafetensorError, OSError) as e:
-        raise XMGIEInputError(f"{folder / TENSORS_FILE} could not be read ({e}). Re-create the folder: "
-                              f"{CONVERT_HINT}.") from None
+    tensors = read_safetensors(folder / TENSORS_FILE, "the MGIE projector and edit head")
     for name in ("mm_projector.weight", "mm_projector.bias"):
         if name not in tensors:
             raise XMGIEInputError(f"{folder / TENSORS_FILE} lacks {name}. Re-create the folder: {CONVERT_HINT}.")
@@ -328,7 +326,8 @@ def load_mgie_folder(folder: Path, device: torch.device | str = "cpu", dtype: to
                                if k.startswith("edit_head.")})
     llm = _from_pretrained(LlamaForCausalLM, folder, dtype, "LLaMA")
     vision = _from_pretrained(CLIPVisionModel, folder / VISION_DIR, dtype, "CLIP vision")
-    image_processor = CLIPImageProcessor.from_pretrained(folder / VISION_DIR, **options)
+    with loading(folder / VISION_DIR, "the MGIE folder's CLIP image processor"):
+        image_processor = CLIPImageProcessor.from_pretrained(folder / VISION_DIR, **options)
     parts = [m.to(device=device, dtype=dtype).eval() for m in (llm, vision, projector, edit_head)]
     return MGIE(parts[0], tokenizer, parts[1], image_processor, parts[2], parts[3], meta)
 

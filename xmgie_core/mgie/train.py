@@ -53,6 +53,7 @@ from ..image_io import check_out_dir, load_image
 from ..training import (CHECKPOINT, Position, StepLog, checkpoint_to_resume, distributed, epoch_sampler, field_error,
                         load_checkpoint, mean_over_ranks, read_jsonl, remaining_batches, resolve, run_cli,
                         run_signature, save_checkpoint, setup_distributed, unusable_numbers)
+from ..weight_files import check_model_folder, check_safetensors, loading
 from .edit_head import NUM_IMG_TOKENS, EditMapper, mgie_conditioning
 from .folder import ADDED_TOKENS, CONVERT_HINT, load_mgie_folder, save_mgie_folder
 from .llava import MGIE, img_position, mgie_prompt
@@ -575,13 +576,11 @@ def load_unet_file(path: Path, device: torch.device | str = "cpu", dtype: torch.
 
     from .convert import diffusers_unet_to_ldm
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            keys = list(f.keys())
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-    except Exception as e:  # safetensors raises its own error types
-        raise XMGIEInputError(f"--unet {path} could not be read as safetensors ({e}); {UNET_HINT}.") from None
+    check_safetensors(path, "the U-Net of --unet")
+    with loading(path, "the U-Net of --unet"), safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        keys = list(f.keys())
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
     config = _unet_config(metadata, config_file)
     try:
         with torch.device("meta"):
@@ -603,7 +602,7 @@ def load_unet_file(path: Path, device: torch.device | str = "cpu", dtype: torch.
         raise XMGIEInputError(f"--unet {path} does not fit the U-Net config taken from {source} ({detail}). For an "
                               "U-Net that is not SD1.5's, pass its diffusers config.json with --unet-config, or "
                               f"{UNET_HINT}.")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with loading(path, "the U-Net of --unet"), safe_open(str(path), framework="pt", device="cpu") as f:
         state = {k: f.get_tensor(mapping[k]).to(dtype) for k in expected}
     unet.load_state_dict(state, assign=True)
     if any(t.is_meta for t in (*unet.parameters(), *unet.buffers())):
@@ -624,7 +623,10 @@ def load_unet(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype
                                   f"{UNET_HINT}.")
         return load_unet_file(path, device, dtype, config_file)
     folder = _diffusers_folder(path, "unet", "--unet", UNET_HINT, "diffusion_pytorch_model.safetensors")
-    unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True, use_safetensors=True, torch_dtype=dtype)
+    check_model_folder(folder, "the U-Net of --unet")
+    with loading(folder, "the U-Net of --unet"):
+        unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                    torch_dtype=dtype)
     return unet.to(device).eval()
 
 
@@ -636,10 +638,13 @@ def load_vae(path: Path, device: torch.device | str = "cpu") -> nn.Module:
     what = "a diffusers AutoencoderKL folder (e.g. stable-diffusion-v1-5/vae: config.json + " \
            "diffusion_pytorch_model.safetensors)"
     folder = _diffusers_folder(Path(path), "vae", "--vae", what, "diffusion_pytorch_model.safetensors")
+    check_model_folder(folder, "the VAE of --vae")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config.get("_class_name") not in (None, "AutoencoderKL"):
         raise XMGIEInputError(f"--vae {folder} holds a {config.get('_class_name')}, not an AutoencoderKL; give {what}.")
-    vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True, torch_dtype=torch.float32)
+    with loading(folder, "the VAE of --vae"):
+        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                            torch_dtype=torch.float32)
     return vae.to(device).eval().requires_grad_(False)
 
 

@@ -19,6 +19,7 @@ from ..errors import XMGIEInputError
 from ..image_io import to_rgb8
 from ..paths import real_path
 from ..validation import rgb_image
+from ..weight_files import check_model_folder, loading
 
 CLIPSEG_FOLDER = "clipseg"
 EXAMPLE_REPO = "CIDAS/clipseg-rd64-refined"
@@ -32,6 +33,7 @@ def check_clipseg_folder(folder: Path) -> None:
     """The folder must hold a CLIPSeg config, safetensors weights, an image processor and a tokenizer."""
     if not folder.is_dir():
         raise XMGIEInputError(f"CLIPSeg model folder not found: {folder}. To fix it, {WHERE}.")
+    check_model_folder(folder, "a file of the CLIPSeg model folder")
     files = {p.name for p in folder.iterdir()}
     missing = []
     if "config.json" not in files:
@@ -63,9 +65,10 @@ class CLIPSeg:
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
         check_clipseg_folder(folder)
-        self.processor = CLIPSegProcessor.from_pretrained(folder, local_files_only=True)
-        self.model = CLIPSegForImageSegmentation.from_pretrained(folder, local_files_only=True,
-                                                                 use_safetensors=True).eval()
+        with loading(folder, "the CLIPSeg model folder"):
+            self.processor = CLIPSegProcessor.from_pretrained(folder, local_files_only=True)
+            self.model = CLIPSegForImageSegmentation.from_pretrained(folder, local_files_only=True,
+                                                                     use_safetensors=True).eval()
 
     @torch.no_grad()
     def probabilities(self, image: torch.Tensor, phrases: list[str], device: torch.device | str) -> torch.Tensor:

@@ -4,8 +4,11 @@ A record is one JSON line: {"image": path, "t_o": source description, "t_ins": i
 description, "render": path}. `render` is X_gen, a frozen generator's render of t_e for that image, made once here
 so training never runs the generator. Relative paths resolve against the JSONL file's folder.
 
-  python -m xmgie_core.region.data build --captions captions.csv --out records.jsonl \
+  python -m xmgie_core.region.data build --captions captions.csv --out records.jsonl [--overwrite] \
       [--backend rules|local --model-folder F] [--generator SD15 --steps 30 --strength 0.7 --seed 0]
+
+The data set (records.jsonl and records_renders/) is written beside --out and swapped in when complete: a failure
+or Ctrl-C leaves an existing one as it was, and an existing one is replaced only with --overwrite.
 
 The builder takes t_o from the caption and writes t_ins / t_e with the Instruction node's backends: `rules` turns a
 colour word before an object ('a red car on a street') into 'make the red car blue' and substitutes the rules
@@ -28,11 +31,13 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import Dataset
 
+from ..device import resolve_device
 from ..errors import XMGIEInputError
 from ..hosts.diffusers_models import load_sd15_pipeline
-from ..image_io import load_image, save_image, to_rgb8
+from ..image_io import FORMATS_HINT, load_image, save_image, to_rgb8
 from ..instruction.local import GenerationSettings, local_plan, unload
 from ..instruction.rules import COLOURS, rules_plan
+from ..staging import overlap, staged
 from ..training import field_error, read_jsonl, resolve
 from .encoders import square_resize
 
@@ -152,6 +157,7 @@ def read_captions(path: Path) -> list[tuple[Path, str, int]]:
         image = resolve(row["image"], path.parent)
         if not image.is_file():
             raise field_error(path, number, "image", f"file not found: {image}")
+        check_image_file(image, path, number)
         out.append((image, " ".join(row["caption"].split()), number))
     if not out:
         raise XMGIEInputError(f"{path} holds no captions.")
@@ -214,6 +220,7 @@ class BuildSettings:
 
 
 def check_build_settings(s: BuildSettings) -> None:
+    resolve_device(s.device)
     if s.backend not in ("rules", "local"):
         raise XMGIEInputError(f"--backend {s.backend!r}: choose rules or local.")
     if s.backend == "local" and s.model_folder is None:
@@ -244,38 +251,87 @@ def edits(captions: list[tuple[Path, str, int]], s: BuildSettings) -> Iterator[t
             unload(Path(s.model_folder))
 
 
-def build_records(captions_path: Path, out: Path, s: BuildSettings) -> dict[str, int]:
-    """Write the records JSONL (and renders under <out stem>_renders/); returns counts for the summary."""
+def check_image_file(path: Path, source: Path, line: int) -> None:
+    """A captions entry must name a file PIL can read as an image (its header and structure; not decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise field_error(source, line, "image", f"{path} is not a readable image ({e}); {FORMATS_HINT}") from None
+
+
+def looks_like_records(path: Path) -> bool:
+    """Whether a file is a records JSONL this builder wrote: every non-blank line an object with t_o, t_ins, t_e."""
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in lines]
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return bool(rows) and all(isinstance(r, dict) and {"image", *TEXT_FIELDS} <= set(r) for r in rows)
+
+
+def check_outputs(out: Path, renders: Path, captions_path: Path, images: list[Path], overwrite: bool) -> None:
+    """Before any work: --out must be a file path; an existing data set (records + renders) is replaced only with
+    `overwrite`, and only if it is one; no input (the captions, an image) may be among the outputs."""
+    if out.is_dir():
+        raise XMGIEInputError(f"--out {out} is a folder; give the records file to write, e.g. --out "
+                              f"{out / 'records.jsonl'}.")
+    for path in (captions_path, *images):
+        if overlap(path, out) or overlap(path, renders):
+            raise XMGIEInputError(f"--out {out} would replace the input {path} (the data set is {out} and the "
+                                  f"renders folder {renders}); choose an --out away from the captions and images.")
+    if not (out.exists() or renders.exists()):
+        return
+    if not overwrite:
+        raise XMGIEInputError(f"--out {out} already holds a data set ({out.name} and/or {renders.name}/); choose "
+                              "another --out, or pass --overwrite to replace it (the old one stays until the new one "
+                              "is complete).")
+    if out.exists() and not looks_like_records(out):
+        raise XMGIEInputError(f"--out {out} exists and is not a region data set (not records written by this "
+                              "builder), so it is not replaced even with --overwrite; choose another --out.")
+    if renders.exists() and (not renders.is_dir() or any(p.suffix != ".png" or not p.is_file()
+                                                         for p in renders.iterdir())):
+        raise XMGIEInputError(f"{renders} (where the renders of --out {out} go) holds other things than renders, so "
+                              "it is not replaced even with --overwrite; move them away or choose another --out.")
+
+
+def build_records(captions_path: Path, out: Path, s: BuildSettings, overwrite: bool = False) -> dict[str, int]:
+    """Write the records JSONL (and renders under <out stem>_renders/); returns counts for the summary.
+
+    Everything is checked before any work; the data set is written beside --out and swapped in when complete
+    (xmgie_core.staging), so a failure or Ctrl-C leaves an existing data set as it was."""
     from tqdm import tqdm
 
     check_build_settings(s)
     captions = read_captions(captions_path)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(out).expanduser().absolute()
     renders = out.parent / f"{out.stem}_renders"
-    pipe = None
-    if s.generator is not None:
-        dtype = torch.float16 if str(s.device).startswith("cuda") else torch.float32
-        pipe = load_sd15_pipeline(s.generator, s.generator_config, s.device, dtype, "--generator", "--generator-config")
+    check_outputs(out, renders, Path(captions_path), [image for image, _, _ in captions], overwrite)
     counts = {"captions": len(captions), "records": 0, "local": 0, "rules": 0}
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for index, (image, t_o, t_ins, t_e, how) in enumerate(tqdm(edits(captions, s), total=len(captions),
-                                                                   desc="records")):
-            record = {"image": os.path.relpath(image, out.parent), "t_o": t_o, "t_ins": t_ins, "t_e": t_e}
-            if pipe is not None:
-                x_gen = render(pipe, load_image(image)[0], t_e, s.size, s.steps, s.strength, s.guidance,
-                               s.seed + index)
-                path = save_image(x_gen, renders / f"{index:06d}_{image.stem}.png")
-                record["render"] = os.path.relpath(path, out.parent)
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            counts["records"] += 1
-            counts[how] += 1
-    if not counts["records"]:
-        tmp.unlink()
-        raise XMGIEInputError(f"None of the {len(captions)} captions in {captions_path} names a coloured object ('a "
-                              "red car ...'), which the instruction templates need; add such captions.")
-    tmp.replace(out)
+    with staged([out, renders]) as (staged_out, staged_renders):
+        pipe = None
+        if s.generator is not None:
+            dtype = torch.float16 if str(s.device).startswith("cuda") else torch.float32
+            pipe = load_sd15_pipeline(s.generator, s.generator_config, s.device, dtype, "--generator",
+                                      "--generator-config")
+        with staged_out.open("w", encoding="utf-8") as f:
+            for index, (image, t_o, t_ins, t_e, how) in enumerate(tqdm(edits(captions, s), total=len(captions),
+                                                                       desc="records")):
+                record = {"image": os.path.relpath(image, out.parent), "t_o": t_o, "t_ins": t_ins, "t_e": t_e}
+                if pipe is not None:
+                    x_gen = render(pipe, load_image(image)[0], t_e, s.size, s.steps, s.strength, s.guidance,
+                                   s.seed + index)
+                    name = f"{index:06d}_{image.stem}.png"
+                    save_image(x_gen, staged_renders / name)
+                    record["render"] = os.path.relpath(renders / name, out.parent)
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                counts["records"] += 1
+                counts[how] += 1
+        if not counts["records"]:
+            raise XMGIEInputError(f"None of the {len(captions)} captions in {captions_path} names a coloured object "
+                                  "('a red car ...'), which the instruction templates need; add such captions.")
     return counts
 
 
@@ -287,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("--captions", type=Path, required=True, help=".jsonl of {image, caption} or .csv image,caption")
     b.add_argument("--out", type=Path, required=True, help="records .jsonl to write (renders go beside it)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace an existing data set at --out (swapped in only once the new one is complete)")
     b.add_argument("--backend", choices=("rules", "local"), default="rules", help="who writes t_e")
     b.add_argument("--model-folder", type=Path, help="local VLM folder for --backend local")
     b.add_argument("--generator", type=Path, help="SD1.5: diffusers folder or single .safetensors checkpoint")
@@ -305,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = BuildSettings(args.backend, args.model_folder, args.generator, args.generator_config, args.steps,
                              args.strength, args.guidance_scale, args.size, args.seed, args.device)
     try:
-        counts = build_records(args.captions, args.out, settings)
+        counts = build_records(args.captions, args.out, settings, args.overwrite)
     except XMGIEInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

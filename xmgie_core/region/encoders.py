@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import XMGIEInputError
+from ..weight_files import check_model_folder, loading
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -119,6 +120,7 @@ def check_folder(folder: Path, what: str, where: str) -> Path:
         raise XMGIEInputError(f"{folder} has no *.safetensors weights" + (
             f" (only {', '.join(pickled)}, which xMGIE does not load because pickles can run code)" if pickled else "")
             + ": download the safetensors version of the model.")
+    check_model_folder(folder, f"a file of the {what} folder")
     return folder
 
 
@@ -128,8 +130,9 @@ def load_t5_instruction_encoder(folder: Path, device: torch.device | str = "cpu"
     from transformers import AutoTokenizer, T5EncoderModel
 
     folder = check_folder(folder, "FLAN-T5", "ComfyUI/models/text_encoders/<name>/ (or models/LLM/<name>/)")
-    model = T5EncoderModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    with loading(folder, "the FLAN-T5 folder"):
+        model = T5EncoderModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return T5InstructionEncoder(model.to(device).eval().requires_grad_(False), tokenizer)
 
 
@@ -140,7 +143,9 @@ def load_clip_encoders(folder: Path, device: torch.device | str = "cpu", dtype: 
 
     folder = check_folder(folder, "CLIP", "a local folder (e.g. openai/clip-vit-large-patch14)")
     kw = dict(local_files_only=True, use_safetensors=True, dtype=dtype)
-    vision = CLIPVisionModelWithProjection.from_pretrained(str(folder), **kw).to(device).eval().requires_grad_(False)
-    text = CLIPTextModelWithProjection.from_pretrained(str(folder), **kw).to(device).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    with loading(folder, "the CLIP folder"):
+        vision = CLIPVisionModelWithProjection.from_pretrained(str(folder), **kw)
+        text = CLIPTextModelWithProjection.from_pretrained(str(folder), **kw)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    vision, text = (m.to(device).eval().requires_grad_(False) for m in (vision, text))
     return CLIPImageEncoder(vision), CLIPTextEncoder(text, tokenizer)

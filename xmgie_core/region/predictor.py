@@ -24,9 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import XMGIEInputError
+from ..weight_files import read_safetensors, safetensors_metadata
 
 CONFIG_KEY = "xmgie.region.config"
 FORMAT = "xmgie-region-predictor-1"
+REPLACE = ("copy it again from where it was trained (compare its size and sha256 with the original's), or re-train it "
+           "with `python -m xmgie_core.region.train`")
 
 
 @dataclass(frozen=True)
@@ -176,17 +179,11 @@ def save_predictor(model: RegionPredictor, path: Path, metadata: dict[str, str] 
 
 def read_config(path: Path) -> tuple[RegionConfig, dict[str, str]]:
     """The config and the whole metadata header of a predictor file (no tensors are read)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise XMGIEInputError(f"Region predictor weights not found: {path}. Put the .safetensors file written by "
                               "`python -m xmgie_core.region.train` in ComfyUI/models/xmgie/.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise XMGIEInputError(f"{path.name} is not a readable safetensors file ({exc}); re-copy or re-train it.") from exc
+    meta = safetensors_metadata(path, "the region predictor weights", REPLACE)
     if CONFIG_KEY not in meta:
         raise XMGIEInputError(f"{path.name} is a safetensors file but not an xMGIE region predictor (its metadata "
                               f"has no {CONFIG_KEY!r}); choose the file written by `python -m xmgie_core.region.train`.")
@@ -196,11 +193,9 @@ def read_config(path: Path) -> tuple[RegionConfig, dict[str, str]]:
 def load_predictor(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
                    ) -> RegionPredictor:
     """Build the predictor from its file; every tensor must be used and none may be missing."""
-    from safetensors.torch import load_file
-
     config, _ = read_config(path)
     model = RegionPredictor(config)
-    state = load_file(str(path))
+    state = read_safetensors(path, "the region predictor weights", REPLACE)
     expected = model.state_dict()
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
