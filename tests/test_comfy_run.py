@@ -1,6 +1,7 @@
 """`python -m xmgie_core.comfy_run` without ComfyUI: the overrides on the bundled API workflows, image expansion,
-the websocket message handling on recorded sequences (COMFY_HOST.md 6.4), and the whole client against a small
-fake ComfyUI (HTTP + a minimal websocket endpoint) served in-process on 127.0.0.1."""
+the websocket message handling on recorded sequences, argument checks, and the whole client against a small fake
+ComfyUI (the routes of ComfyUI 0.3.64's server.py it uses, and a minimal websocket endpoint) served in-process on
+127.0.0.1, with Ctrl-C sent as a real SIGINT."""
 
 from __future__ import annotations
 
@@ -191,7 +192,7 @@ def test_expand_images(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 def success_messages(prompt_id: str, prompt: dict, client_id: str = "c") -> list[dict]:
-    """The sequence ComfyUI 0.3.64 sends for one run (COMFY_HOST.md 6.4), around another prompt's noise."""
+    """The sequence ComfyUI 0.3.64 sends for one run, around another prompt's noise."""
     ids = list(prompt)
     sampler = next((nid for nid, n in prompt.items() if "Sampler" in n["class_type"]), ids[-1])
     msgs = [{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 1}}, "sid": client_id}},

@@ -403,7 +403,7 @@ def output_name(stem: str, image: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 class ComfyClient:
-    """The few ComfyUI routes this command uses (COMFY_HOST.md section 6.3)."""
+    """The few routes of ComfyUI's server.py (0.3.64) this command uses."""
 
     def __init__(self, url: str, request_timeout: float = 60.0) -> None:
         import requests
