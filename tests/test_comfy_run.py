@@ -1,6 +1,7 @@
 """`python -m xmgie_core.comfy_run` without ComfyUI: the overrides on the bundled API workflows, image expansion,
-the websocket message handling on recorded sequences (COMFY_HOST.md 6.4), and the whole client against a small
-fake ComfyUI (HTTP + a minimal websocket endpoint) served in-process on 127.0.0.1."""
+the websocket message handling on recorded sequences, argument checks, and the whole client against a small fake
+ComfyUI (the routes of ComfyUI 0.3.64's server.py it uses, and a minimal websocket endpoint) served in-process on
+127.0.0.1, with Ctrl-C sent as a real SIGINT."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import io
 import json
 import queue
 import select
+import signal
 import socket
 import struct
 import threading
@@ -190,7 +192,7 @@ def test_expand_images(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 def success_messages(prompt_id: str, prompt: dict, client_id: str = "c") -> list[dict]:
-    """The sequence ComfyUI 0.3.64 sends for one run (COMFY_HOST.md 6.4), around another prompt's noise."""
+    """The sequence ComfyUI 0.3.64 sends for one run, around another prompt's noise."""
     ids = list(prompt)
     sampler = next((nid for nid, n in prompt.items() if "Sampler" in n["class_type"]), ids[-1])
     msgs = [{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 1}}, "sid": client_id}},
@@ -339,16 +341,60 @@ def read_ws_frame(rfile) -> int:
     return b1 & 0x0F
 
 
+def object_info_of_bundled_workflows(input_files: Callable[[], list[str]]) -> dict[str, dict]:
+    """GET /object_info entries for every node type of the bundled workflows, in ComfyUI 0.3.64's V1 format.
+
+    Required inputs are those every bundled use of the type sets; the types and limits of the inputs this command
+    overrides or checks are ComfyUI's (KSampler seed/steps, CheckpointLoaderSimple's list, LoadImage's upload).
+    `input_files` lists the server's input folder, as LoadImage's list does.
+    """
+    uses: dict[str, list[set]] = {}
+    for name in cr.bundled_workflows():
+        for node in bundled(name).values():
+            uses.setdefault(node["class_type"], []).append(set(node["inputs"]))
+    specs = {"ckpt_name": [["tiny.safetensors", "v1-5-pruned-emaonly.safetensors"], {}],
+             "steps": ["INT", {"default": 20, "min": 1, "max": 10000}],
+             "seed": ["INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}],
+             "noise_seed": ["INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}]}
+    info = {}
+    for cls, input_sets in uses.items():
+        required, every = set.intersection(*input_sets), set.union(*input_sets)
+        spec = {k: specs.get(k, ["*", {}]) for k in every}
+        if cls == "LoadImage":
+            spec["image"] = [sorted(input_files()), {"image_upload": True}]
+        info[cls] = {"input": {"required": {k: spec[k] for k in sorted(required)},
+                               "optional": {k: spec[k] for k in sorted(every - required)}},
+                     "name": cls, "display_name": cls, "output_node": cls in ("SaveImage", "PreviewImage")}
+    return info
+
+
 class FakeComfy:
-    """Records uploads and prompts; `plan(prompt, prompt_id)` returns (status, body, messages, outputs)."""
+    """A ComfyUI 0.3.64 stand-in with the routes of server.py the command uses, and their behaviour: the input
+    folder (`input`, uploads renamed "name (1).ext" unless overwrite or the same bytes), GET /object_info[/{class}],
+    POST /prompt (a client's prompt_id kept; unknown node types and missing LoadImage files rejected as ComfyUI
+    does), GET/POST /queue, POST /interrupt (targeted at a prompt only while it runs), /history, /view and /ws.
+
+    `plan(prompt, prompt_id)` returns (status, body, messages, outputs, state): state "done" (history written),
+    "running" or "pending" (the prompt stays in the queue until interrupted or deleted).
+    """
 
     def __init__(self) -> None:
-        self.uploads: dict[str, bytes] = {}
+        self.input: dict[str, bytes] = {}
         self.upload_fields: list[dict] = []
+        self.uploaded: list[str] = []
         self.prompts: list[dict] = []
+        self.prompt_ids: list[str] = []
         self.history: dict[str, dict] = {}
         self.files: dict[str, bytes] = {}
         self.sockets: dict[str, queue.Queue] = {}
+        self.running: list[list] = []
+        self.pending: list[list] = []
+        self.interrupts: list[str] = []
+        self.deleted: list[str] = []
+        self.routes: list[str] = []
+        self.object_info = object_info_of_bundled_workflows(lambda: list(self.input))
+        self.object_info_status = 200
+        self.on_upload: Callable[[], None] | None = None
         self.stop = threading.Event()
         self.plan: Callable[[dict, str], tuple] = self.succeed
         self.counter = 0
@@ -360,19 +406,30 @@ class FakeComfy:
 
             def reply(self, status: int, body: object, ctype: str = "application/json") -> None:
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client hung up (Ctrl-C)
 
             def do_GET(self) -> None:
                 url = urlsplit(self.path)
+                fake.routes.append(f"GET {url.path}")
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
                 if url.path == "/system_stats":
                     self.reply(200, {"system": {"comfyui_version": "fake"}, "devices": []})
                 elif url.path == "/ws":
                     fake.serve_websocket(self, query["clientId"])
+                elif url.path.startswith("/object_info"):
+                    wanted = url.path[len("/object_info/"):]
+                    known = fake.object_info if not wanted else (
+                        {wanted: fake.object_info[wanted]} if wanted in fake.object_info else {})
+                    self.reply(fake.object_info_status, known if fake.object_info_status == 200 else b"")
+                elif url.path == "/queue":
+                    self.reply(200, {"queue_running": fake.running, "queue_pending": fake.pending})
                 elif url.path.startswith("/history/"):
                     pid = url.path.rsplit("/", 1)[1]
                     self.reply(200, {pid: fake.history[pid]} if pid in fake.history else {})
@@ -382,12 +439,24 @@ class FakeComfy:
                     self.reply(404, {"error": "not found"})
 
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
+                fake.routes.append(f"POST {self.path}")
+                body = self.rfile.read(int(self.headers["Content-Length"] or 0))
                 if self.path == "/upload/image":
                     self.reply(200, fake.receive_upload(self.headers["Content-Type"], body))
                 elif self.path == "/prompt":
                     status, answer = fake.receive_prompt(json.loads(body))
                     self.reply(status, answer)
+                elif self.path == "/queue":
+                    for pid in json.loads(body).get("delete", []):
+                        fake.deleted += [item[1] for item in fake.pending if item[1] == pid]
+                        fake.pending = [item for item in fake.pending if item[1] != pid]
+                    self.reply(200, b"", "text/plain")
+                elif self.path == "/interrupt":
+                    pid = json.loads(body or b"{}").get("prompt_id")
+                    if pid is None or any(item[1] == pid for item in fake.running):  # as server.py: targeted
+                        fake.interrupts.append(pid)
+                        fake.running = []
+                    self.reply(200, b"", "text/plain")
                 else:
                     self.reply(404, {"error": "not found"})
 
@@ -405,28 +474,54 @@ class FakeComfy:
     # --- routes -----------------------------------------------------------------------------------
 
     def receive_upload(self, ctype: str, body: bytes) -> dict:
+        """server.py image_upload: without overwrite, a different file of that name makes "name (i).ext"."""
+        if self.on_upload is not None:
+            self.on_upload()
         message = email.parser.BytesParser(policy=email.policy.default).parsebytes(
             b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + body)
-        fields, name = {}, None
+        fields, name, data = {}, None, b""
         for part in message.iter_parts():
             field = part.get_param("name", header="content-disposition")
             if part.get_filename():
-                name = part.get_filename()
-                self.uploads[name] = part.get_payload(decode=True)
+                name, data = part.get_filename(), part.get_payload(decode=True)
             else:
                 fields[field] = part.get_content().strip()
         self.upload_fields.append(fields)
+        if fields.get("overwrite") not in ("true", "1"):
+            stem, ext = Path(name).stem, Path(name).suffix
+            i = 1
+            while name in self.input and self.input[name] != data:
+                name, i = f"{stem} ({i}){ext}", i + 1
+        self.input[name] = data
+        self.uploaded.append(name)
         return {"name": name, "subfolder": "", "type": fields.get("type", "input")}
 
     def receive_prompt(self, body: dict) -> tuple[int, dict]:
         prompt, client_id = body["prompt"], body["client_id"]
+        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+        for nid, node in prompt.items():
+            if node["class_type"] not in self.object_info:
+                return 400, {"error": {"type": "invalid_prompt", "details": f"Node ID '#{nid}'", "extra_info": {},
+                                       "message": f"Cannot execute because node {node['class_type']} does not exist."},
+                             "node_errors": {}}
+            if node["class_type"] == "LoadImage" and node["inputs"]["image"] not in self.input:
+                return 400, {"error": {"type": "prompt_outputs_failed_validation", "details": "", "extra_info": {},
+                                       "message": "Prompt outputs failed validation"},
+                             "node_errors": {nid: {"class_type": "LoadImage", "dependent_outputs": [], "errors": [
+                                 {"type": "custom_validation_failed", "message": "Custom validation failed for node",
+                                  "details": f"image - Invalid image file: {node['inputs']['image']}",
+                                  "extra_info": {"input_name": "image"}}]}}}
         self.prompts.append(prompt)
-        prompt_id = str(uuid.uuid4())
-        status, answer, messages, outputs = self.plan(prompt, prompt_id)
+        self.prompt_ids.append(prompt_id)
+        status, answer, messages, outputs, state = self.plan(prompt, prompt_id)
         if status != 200:
             return status, answer
-        self.history[prompt_id] = {"prompt": [len(self.prompts), prompt_id, prompt, {}, []], "outputs": outputs,
-                                   "status": {"status_str": "success", "completed": True, "messages": []}}
+        item = [len(self.prompts), prompt_id, prompt, {"client_id": client_id}, []]
+        if state == "done":
+            self.history[prompt_id] = {"prompt": item, "outputs": outputs,
+                                       "status": {"status_str": "success", "completed": True, "messages": []}}
+        else:
+            (self.running if state == "running" else self.pending).append(item)
         for msg in messages:
             self.sockets[client_id].put(msg)
         return 200, {"prompt_id": prompt_id, "number": len(self.prompts), "node_errors": {}}
@@ -445,6 +540,9 @@ class FakeComfy:
         while not self.stop.is_set():
             while not outbox.empty():
                 msg = outbox.get()
+                if msg == "close":  # the server ends the websocket (a proxy's idle timeout, a restart)
+                    handler.wfile.write(ws_frame(b"", 8))
+                    return
                 handler.wfile.write(ws_frame(msg, 2) if isinstance(msg, bytes) else
                                     ws_frame(json.dumps(msg).encode(), 1))
             if select.select([sock], [], [], 0.02)[0] and read_ws_frame(handler.rfile) == 8:
@@ -455,7 +553,7 @@ class FakeComfy:
 
     def source_size(self, prompt: dict) -> tuple[int, int]:
         name = prompt[cr.find_source_loader(prompt, "fake")]["inputs"]["image"]
-        return Image.open(io.BytesIO(self.uploads[name])).size
+        return Image.open(io.BytesIO(self.input[name])).size
 
     def succeed(self, prompt: dict, prompt_id: str) -> tuple:
         """Every SaveImage / PreviewImage node writes one PNG of the source's size."""
@@ -472,13 +570,33 @@ class FakeComfy:
                 outputs[nid] = {"images": [{"filename": name, "subfolder": "", "type": "output" if saved else "temp"}]}
         messages = success_messages(prompt_id, prompt)
         messages.insert(3, struct.pack(">I", 1) + b"preview-bytes")  # a binary preview frame is skipped
-        return 200, None, messages, outputs
+        return 200, None, messages, outputs, "done"
 
     def reject(self, prompt: dict, prompt_id: str) -> tuple:
-        return 400, BAD_CHECKPOINT, [], {}
+        return 400, BAD_CHECKPOINT, [], {}, "done"
 
     def fail(self, prompt: dict, prompt_id: str) -> tuple:
-        return 200, None, success_messages(prompt_id, prompt)[:6] + [error_message(prompt_id)], {}
+        return 200, None, success_messages(prompt_id, prompt)[:6] + [error_message(prompt_id)], {}, "done"
+
+    def hang(self, prompt: dict, prompt_id: str) -> tuple:
+        """The prompt starts running and does not finish (a long sampler)."""
+        return 200, None, success_messages(prompt_id, prompt)[:6], {}, "running"
+
+    def drop_websocket(self, prompt: dict, prompt_id: str) -> tuple:
+        """The prompt runs on, but the websocket closes."""
+        return 200, None, success_messages(prompt_id, prompt)[:6] + ["close"], {}, "running"
+
+    def wait_behind_another(self, prompt: dict, prompt_id: str) -> tuple:
+        """Someone else's prompt runs; ours waits in the queue."""
+        self.running = [[0, "someone-else", {}, {}, []]]
+        return 200, None, [], {}, "pending"
+
+
+def press_ctrl_c_after(seconds: float) -> threading.Timer:
+    """SIGINT to the main thread (where the command runs) as a terminal's Ctrl-C sends it."""
+    timer = threading.Timer(seconds, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    return timer
 
 
 @pytest.fixture
@@ -502,6 +620,11 @@ def run_cli(fake: FakeComfy, *args: str) -> int:
     return cr.main(["--url", fake.url, *args])
 
 
+def stored_name(path: Path) -> str:
+    """The name an upload gets in ComfyUI's input folder: the content's hash, so it cannot replace another file."""
+    return f"xmgie_{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}{path.suffix.lower()}"
+
+
 def test_two_images_run_as_a_queue(fake, photos, tmp_path, capsys):
     out = tmp_path / "out"
     rc = run_cli(fake, "--workflow", "xmgie_region_edit", "--image", str(photos[0].parent), "--out", str(out),
@@ -510,12 +633,12 @@ def test_two_images_run_as_a_queue(fake, photos, tmp_path, capsys):
     assert rc == 0, captured.err
     assert len(fake.prompts) == 2
     for prompt, photo in zip(fake.prompts, photos):
-        assert prompt["1"]["inputs"]["image"] == photo.name
+        assert prompt["1"]["inputs"]["image"] == stored_name(photo)
+        assert fake.input[stored_name(photo)] == photo.read_bytes()
         assert prompt["2"]["inputs"]["ckpt_name"] == "tiny.safetensors"
         assert (prompt["3"]["inputs"]["instruction"], prompt["4"]["inputs"]["instruction"]) == ("make the helmet gold",) * 2
         assert (prompt["10"]["inputs"]["seed"], prompt["10"]["inputs"]["steps"]) == (3, 2)
-    assert fake.uploads["astro.png"] == photos[0].read_bytes()
-    assert all(f == {"type": "input", "overwrite": "true"} for f in fake.upload_fields)
+    assert fake.upload_fields == [{"type": "input"}] * 2  # never overwrite=true
     written = sorted(p.name for p in out.iterdir())
     assert written == ["astro_ComfyUI_temp_abcde_00001_.png", "astro_xmgie_region_edit_00002_.png",
                        "small_ComfyUI_temp_abcde_00003_.png", "small_xmgie_region_edit_00004_.png"]
@@ -530,22 +653,89 @@ def test_the_mask_loader_is_left_alone_and_its_file_uploaded(fake, photos, tmp_p
     rc = run_cli(fake, "--workflow", "xmgie_cam_edit", "--image", str(photos[1]), "--out", str(tmp_path / "o"))
     assert rc == 0, capsys.readouterr().err
     (prompt,) = fake.prompts
-    assert prompt["1"]["inputs"]["image"] == "small.png" and prompt["2"]["inputs"]["image"] == MASK
-    assert fake.uploads[MASK] == (ASSETS / MASK).read_bytes()
+    assert prompt["1"]["inputs"]["image"] == stored_name(photos[1])
+    assert prompt["2"]["inputs"]["image"] == stored_name(ASSETS / MASK)
+    assert fake.input[stored_name(ASSETS / MASK)] == (ASSETS / MASK).read_bytes()
     out = capsys.readouterr().out
     assert "wrote" in out and "succeeded" not in out  # no summary line for a single image
 
 
-def test_node_errors_are_printed_and_exit_1(fake, photos, tmp_path, capsys):
-    fake.plan = fake.reject
+def test_files_in_the_servers_input_folder_are_never_replaced(fake, photos, tmp_path, capsys):
+    """Issue 18.2: `--image ~/other/photo.png` replaced the server's input/photo.png."""
+    theirs = {"astro.png": b"someone's astro.png", MASK: b"someone's mask", stored_name(photos[1]): b"squatter"}
+    fake.input.update(theirs)
+    for _ in range(2):  # a second run finds its own uploads and stores nothing new
+        rc = run_cli(fake, "--workflow", "xmgie_cam_edit", "--image", *map(str, photos), "--out", str(tmp_path / "o"))
+        assert rc == 0, capsys.readouterr().err
+    assert {name: fake.input[name] for name in theirs} == theirs
+    squatted = stored_name(photos[1]).replace(".png", " (1).png")  # ComfyUI's rename: a different file had the name
+    assert fake.input[squatted] == photos[1].read_bytes()
+    assert [p["1"]["inputs"]["image"] for p in fake.prompts] == [stored_name(photos[0]), squatted] * 2
+    assert len(fake.input) == len(theirs) + 3  # two photos and the mask, each stored once
+
+
+def test_a_workflow_this_server_would_reject_uploads_nothing(fake, photos, tmp_path, capsys):
+    """Issue 18.2: the prompt is checked against GET /object_info before any upload."""
     rc = run_cli(fake, "--workflow", "xmgie_region_edit", "--image", str(photos[0]), "--checkpoint", "bad.safetensors",
                  "--out", str(tmp_path / "o"))
     err = capsys.readouterr().err
     assert rc == 1
+    assert "checked before uploading" in err and "node 2 (CheckpointLoaderSimple):" in err
+    assert "Value not in list: ckpt_name: 'bad.safetensors' not in ['tiny.safetensors'" in err
+    assert "--checkpoint" in err  # how to fix it
+    assert not fake.uploaded and not fake.prompts and not list((tmp_path / "o").iterdir())
+
+
+def test_a_node_type_the_server_lacks_is_named_before_uploading(fake, photos, tmp_path, capsys):
+    del fake.object_info["XMGIERegionPredictor"]
+    rc = run_cli(fake, "--workflow", "xmgie_region_edit", "--image", str(photos[0]), "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "node 4 (XMGIERegionPredictor):" in err and "not installed" in err and "custom_nodes" in err
+    assert not fake.uploaded and not fake.prompts
+
+
+def test_missing_inputs_links_and_limits_are_found_before_uploading(fake, photos, tmp_path, capsys):
+    prompt = bundled("xmgie_region_edit")
+    del prompt["3"]["inputs"]["instruction"]
+    prompt["5"]["inputs"]["images"] = ["99", 0]
+    prompt["10"]["inputs"]["steps"] = 20000
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps(prompt))
+    rc = run_cli(fake, "--workflow", str(own), "--image", str(photos[0]), "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "Required input is missing: instruction" in err
+    assert "node 5 (PreviewImage):" in err and "images is linked to node 99, which is not in the workflow" in err
+    assert "Value 20000 bigger than max of 10000: steps" in err
+    assert not fake.uploaded and not fake.prompts
+
+
+def test_without_object_info_the_server_checks_the_prompt(fake, photos, tmp_path, capsys):
+    fake.object_info_status = 404
+    fake.plan = fake.reject
+    rc = run_cli(fake, "--workflow", "xmgie_region_edit", "--image", str(photos[0]), "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "could not check the workflow before uploading" in err
     assert "ComfyUI rejected the prompt: Prompt outputs failed validation" in err
     assert "node 2 (CheckpointLoaderSimple):" in err
     assert "Value not in list: ckpt_name: 'bad.safetensors' not in ['tiny.safetensors']" in err
-    assert not list((tmp_path / "o").iterdir())
+    assert fake.uploaded == [stored_name(photos[0])] and not list((tmp_path / "o").iterdir())
+
+
+def test_an_earlier_result_in_out_is_kept(fake, photos, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    earlier = out / "small_xmgie_cam_edit_00001_.png"
+    earlier.write_bytes(b"an earlier result")
+    rc = run_cli(fake, "--workflow", "xmgie_cam_edit", "--image", str(photos[1]), "--out", str(out))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert earlier.read_bytes() == b"an earlier result"
+    (new,) = set(out.iterdir()) - {earlier}
+    assert new.name == "small_xmgie_cam_edit_00001__2.png" and f"wrote {new}" in captured.out
+    assert Image.open(new).size == (96, 64)
 
 
 def test_an_execution_error_fails_that_image_and_the_queue_goes_on(fake, photos, tmp_path, capsys):
@@ -597,3 +787,111 @@ def test_prompts_are_not_shared_between_images():
     before = copy.deepcopy(prompt)
     a, b = cr.set_source_image(prompt, "a.png", "w"), cr.set_source_image(prompt, "b.png", "w")
     assert prompt == before and a["1"]["inputs"]["image"] == "a.png" and b["1"]["inputs"]["image"] == "b.png"
+
+
+# --------------------------------------------------------------------------------------------------
+# Ctrl-C and timeouts: what we queued is cancelled on the server (issue 18.12)
+# --------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_interrupts_our_running_prompt_and_exits_130(fake, photos, tmp_path, capsys):
+    fake.plan = fake.hang
+    timer = press_ctrl_c_after(0.5)
+    rc = run_cli(fake, "--workflow", "xmgie_region_edit", "--image", *map(str, photos), "--out", str(tmp_path / "o"))
+    timer.join()
+    err = capsys.readouterr().err
+    assert rc == 130, err
+    (prompt_id,) = fake.prompt_ids  # the second image was never queued
+    assert fake.interrupts == [prompt_id] and not fake.deleted and not fake.running
+    (line,) = [line for line in err.splitlines() if "Ctrl-C" in line]
+    assert f"prompt {prompt_id}" in line and "interrupted" in line and "0 of 2 images done" in line
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_removes_our_waiting_prompt_and_leaves_the_running_one_alone(fake, photos, tmp_path, capsys):
+    fake.plan = fake.wait_behind_another
+    timer = press_ctrl_c_after(0.5)
+    rc = run_cli(fake, "--workflow", "xmgie_region_edit", "--image", str(photos[0]), "--out", str(tmp_path / "o"))
+    timer.join()
+    err = capsys.readouterr().err
+    assert rc == 130, err
+    assert not fake.interrupts, "someone else's prompt was interrupted"
+    assert len(fake.deleted) == 1 and not fake.pending
+    assert f"prompt {fake.deleted[0]}" in err and "removed from ComfyUI's queue" in err
+
+
+def test_ctrl_c_before_anything_is_queued(fake, photos, tmp_path, capsys):
+    fake.on_upload = lambda: (press_ctrl_c_after(0.0), __import__("time").sleep(1.0))
+    rc = run_cli(fake, "--workflow", "xmgie_region_edit", "--image", str(photos[0]), "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert rc == 130, err
+    assert "nothing was queued" in err and "Traceback" not in err
+    assert not fake.prompts and "POST /interrupt" not in fake.routes
+
+
+def test_a_timeout_cancels_the_prompt(fake, photos, tmp_path, capsys):
+    fake.plan = fake.hang
+    rc = run_cli(fake, "--workflow", "xmgie_region_edit", "--image", str(photos[0]), "--out", str(tmp_path / "o"),
+                 "--timeout", "0.5")
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert fake.interrupts == fake.prompt_ids and "did not finish within --timeout 0.5 s" in err
+    assert f"prompt {fake.interrupts[0]} was running on ComfyUI and was interrupted" in err
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers and the URL are checked by the argument parser (issue 18.12)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, value, what", [
+    ("--timeout", "nan", "a finite number of seconds above 0"),
+    ("--timeout", "inf", "a finite number of seconds above 0"),
+    ("--timeout", "-1", "a finite number of seconds above 0"),
+    ("--timeout", "0", "a finite number of seconds above 0"),
+    ("--timeout", "soon", "a finite number of seconds above 0"),
+    ("--steps", "0", "an integer from 1 to 10000"),
+    ("--steps", "-3", "an integer from 1 to 10000"),
+    ("--steps", "10001", "an integer from 1 to 10000"),
+    ("--steps", "2.5", "an integer from 1 to 10000"),
+    ("--seed", "-1", "an integer from 0 to 18446744073709551615"),
+    ("--seed", str(2 ** 64), "an integer from 0 to 18446744073709551615"),
+])
+def test_numbers_out_of_range_are_argument_errors(flag, value, what, photos, capsys):
+    with pytest.raises(SystemExit) as e:
+        cr.main(["--workflow", "xmgie_region_edit", "--image", str(photos[0]), f"{flag}={value}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"argument {flag}: must be {what}, got {value!r}" in err, err
+
+
+def test_a_url_without_scheme_is_taken_as_http(fake, photos, tmp_path, capsys):
+    host_port = fake.url.removeprefix("http://")
+    rc = cr.main(["--url", host_port, "--workflow", "xmgie_cam_edit", "--image", str(photos[1]),
+                  "--out", str(tmp_path / "o")])
+    assert rc == 0, capsys.readouterr().err
+    assert len(fake.prompts) == 1
+    assert cr.comfy_url("localhost:8188/") == "http://localhost:8188"
+    assert cr.comfy_url("https://comfy.example.org/sub/") == "https://comfy.example.org/sub"
+
+
+@pytest.mark.parametrize("url, what", [
+    ("ftp://127.0.0.1:8188", "scheme 'ftp' is not http or https"),
+    ("ws://127.0.0.1:8188", "scheme 'ws' is not http or https"),
+    ("http://", "no host"),
+    ("127.0.0.1:99999", "port"),
+    ("http://127.0.0.1:8188/?a=1", "query"),
+])
+def test_bad_urls_are_argument_errors(url, what, photos, capsys):
+    with pytest.raises(SystemExit) as e:
+        cr.main(["--url", url, "--workflow", "xmgie_region_edit", "--image", str(photos[0])])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"argument --url: {url!r}" in err and what in err and "http://127.0.0.1:8188" in err, err
+
+
+def test_a_websocket_that_closes_mid_run_cancels_the_prompt(fake, photos, tmp_path, capsys):
+    fake.plan = fake.drop_websocket
+    rc = run_cli(fake, "--workflow", "xmgie_region_edit", "--image", str(photos[0]), "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert fake.interrupts == fake.prompt_ids and not fake.running
+    assert "websocket closed before prompt" in err and "was running on ComfyUI and was interrupted" in err
