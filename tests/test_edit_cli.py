@@ -216,3 +216,13 @@ def test_a_photo_too_thin_to_crop_says_what_to_do(tmp_path, capsys):
                      "--identity", "none", "--out", str(tmp_path / "o"), *FAST])
     err = capsys.readouterr().err
     assert code == 2 and "thinner than the 64 px a model can edit" in err and not (tmp_path / "o").exists()
+
+
+def test_a_gpu_device_on_a_machine_without_one_is_named_before_any_work(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    code = cli.main(["edit", "--image", str(SOURCE), "--instruction", INSTRUCTION, "--tiny", "--device", "cuda",
+                     "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--device cuda: no CUDA GPU is usable here" in err and "Pass --device cpu" in err
+    assert not (tmp_path / "o").exists()

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from fixtures.tiny_clipseg import save_tiny_clipseg
 from fixtures.tiny_mgie import save_tiny_mgie
 from fixtures.tiny_region import save_tiny_predictor, save_tiny_t5
+from fixtures.tiny_vlm import save_tiny_vlm
 from xmgie_core.errors import XMGIEInputError
 from xmgie_core.weight_files import check_pickle, check_safetensors, read_safetensors
 
@@ -149,8 +150,15 @@ def training_checkpoint(root: Path):
     return path, lambda: load_checkpoint(path, model, optimizer, {"lr": 1.0}, "test-format", "test")
 
 
+def local_vlm(root: Path):
+    from xmgie_core.instruction.local import LocalVLM
+
+    folder = save_tiny_vlm(root / "vlm")
+    return next(folder.glob("*.safetensors")), lambda: LocalVLM(folder)
+
+
 LOADERS = {f.__name__: f for f in (sd15_folder, sd15_single_file, mgie_folder, mgie_llm_weights, region_predictor,
-                                   clipseg, t5_encoder, training_checkpoint)}
+                                   clipseg, t5_encoder, training_checkpoint, local_vlm)}
 
 
 @pytest.mark.parametrize("loader", list(LOADERS))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 from . import gb
+from .device import resolve_device
 from .errors import XMGIEInputError
 from .instruction.rules import rules_plan
 from .hosts.diffusers_edit import SETTING_HINTS, SETTING_RANGES, EditSettings
@@ -58,6 +59,7 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
     settings = de.EditSettings(args.instruction, args.seed, args.steps, args.cfg, args.denoise,
                                region_draws=args.draws, context_factor=args.context_factor,
                                working_size=args.working_size, face_protection=args.face_protection)
+    device = resolve_device(args.device)
     out = check_out_dir(args.out)
     photo = load_image(args.image)[0]
     mask = load_mask(args.mask) if args.mask else None
@@ -67,10 +69,10 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         if args.tiny:
             log("loading TINY RANDOM-WEIGHT models: this checks the plumbing, the picture will not be an edit")
-            models = de.tiny_sd15(Path(tokenizer_dir), args.device)
+            models = de.tiny_sd15(Path(tokenizer_dir), device)
         else:
             log(f"loading {args.checkpoint} ...")
-            models = de.load_sd15(args.checkpoint, args.config, args.device)
+            models = de.load_sd15(args.checkpoint, args.config, device)
         result = de.edit_photo(models, photo, settings, mask, backend, log, plan)
     stem = unused_stem(out, args.image.stem + "_xmgie" + (f"_{TINY_TAG}" if models.tiny else ""), OUTPUTS)
     written = [save_image(result.image, out / f"{stem}_edit.png"), save_image(result.mask, out / f"{stem}_mask.png"),
@@ -127,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="face backend for protection and the identity score (auto: dlib when installed)")
     e.add_argument("--insightface-root", type=Path, help="folder with models/<pack>/*.onnx")
     e.add_argument("--insightface-pack", default="antelopev2")
-    e.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    e.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is usable, else cpu)")
     e.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     e.set_defaults(run=run_edit)
     return p
@@ -147,12 +149,6 @@ def setting(name: str, kind: type) -> Callable[[str], int | float]:
         return value
 
     return parse
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:

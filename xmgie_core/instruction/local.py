@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .. import weight_files
 from ..errors import XMGIEInputError
 from ..image_io import to_rgb8
 from ..paths import real_path
@@ -75,11 +76,13 @@ class LocalVLM:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         check_model_folder(folder)
+        weight_files.check_model_folder(folder, "a file of the local model folder")
         self.folder, self.device = folder, device
         options = dict(local_files_only=True, trust_remote_code=False)
-        self.processor = AutoProcessor.from_pretrained(folder, **options)
-        self.model = AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=True, dtype=dtype,
-                                                                 **options).to(device).eval()
+        with weight_files.loading(folder, "the local model folder"):
+            self.processor = AutoProcessor.from_pretrained(folder, **options)
+            self.model = AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=True, dtype=dtype,
+                                                                     **options).to(device).eval()
 
     def generate(self, prompt: str, image: Any | None, settings: GenerationSettings) -> str:
         """One chat turn (the image first when given); the decoded new text."""
