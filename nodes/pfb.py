@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..xmgie_core.errors import XMGIEInputError
-from ..xmgie_core.hosts.comfy_pfb import LOG, check_source_latent, pfb_guider_class, warn_empty_mask
+from ..xmgie_core.hosts.comfy_pfb import LOG, pfb_guider_class, warn_empty_mask
 from ..xmgie_core.identity.faces import IdEmbed, embed_images, ips_report
 from ..xmgie_core.identity.protect import protected_mask, rank_by_ips
 from ..xmgie_core.pfb import SOURCE_MODES, PFBSettings, SourceCache
@@ -202,8 +202,7 @@ class XMGIEPFBSampler:
 
         settings, note = pfb_settings(mask, source_mode, layers, outside_weight, blend_end_percent,
                                       latent_blend_end_percent, soft_edge, cache, cache_mb, id_embed, face_protection)
-        samples = check_source_latent(model.get_model_object("latent_format").latent_channels,
-                                      latent_image["samples"], settings)
+        samples = latent_image["samples"]  # checked once, by the guider before any U-Net pass
         if settings.empty:
             warn_empty_mask()
             return latent_image, [], "The mask is empty: the source latent is returned unchanged."

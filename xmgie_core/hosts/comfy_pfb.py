@@ -25,12 +25,10 @@ from typing import Any, Callable
 import torch
 
 from ..errors import XMGIEInputError
-from ..pfb import (BlendPlan, FeatureBlender, PFBSettings, SourceBranch, UNetLayout, fingerprint,
-                   latent_blend, parse_layers)
+from ..pfb import BlendPlan, FeatureBlender, PFBSettings, SourceBranch, UNetLayout, latent_blend
+from ..pfb import run as pfb_run
 
 LOG = logging.getLogger("xmgie")
-SOURCE_NOISE_SEED = 0
-"""`noised` mode's fixed source noise: independent of the edit's seed, so a new seed reuses the source cache."""
 SAMPLER_SAMPLE = "sampler_sample"
 """comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE."""
 CONCAT_KEYS = ("concat_latent_image", "concat_mask", "concat_image")
@@ -101,21 +99,6 @@ def model_identity(model_patcher: Any, model_options: dict) -> tuple[list, tuple
             objects.extend(value.values() if isinstance(value, dict) else value)
     kept = tuple(o for o in objects if o is not None and not _neutral(o))
     return [getattr(model_patcher, "patches_uuid", None), list(kept)], kept
-
-
-def check_source_latent(channels: int, samples: torch.Tensor, settings: PFBSettings) -> torch.Tensor:
-    """The source latent must be in the model's latent format ([B, channels, h, w]) and match the mask's batch
-    and aspect ratio."""
-    if samples.ndim != 4 or samples.shape[1] != channels:
-        raise XMGIEInputError(
-            f"The latent has shape {tuple(samples.shape)} but this model works on [batch, {channels}, height, width] "
-            "latents: encode the source image with this model's VAE (VAE Encode), not another model's.")
-    b, _, h, w = samples.shape
-    coverage = settings.region.coverage(h, w)  # raises on another aspect ratio
-    if coverage.shape[0] not in (1, b):
-        raise XMGIEInputError(f"The PFB mask has batch {coverage.shape[0]} but the latent batch is {b}; give one "
-                              "mask, or one per latent.")
-    return samples
 
 
 def cond_content(entries: list[dict]) -> list[dict]:
@@ -216,32 +199,16 @@ def pfb_guider_class() -> type:
             return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
         def _prepare(self, sigmas: torch.Tensor, z: torch.Tensor, model_options: dict) -> _Run:
-            s = self.settings
             ms = self.inner_model.model_sampling
-            layout = comfy_layout(self.inner_model.diffusion_model)
-            plan = BlendPlan.build(parse_layers(s.layers, layout, s.outside_weight, s.blend_end), s.region,
-                                   s.soft_edge, s.latent_end, ms.percent_to_sigma)
-            check_source_latent(self.inner_model.latent_format.latent_channels, z, s)  # before any U-Net pass
-            names = list(plan.layers)
-            cache = s.private_or_shared_cache()
+            blend_plan = pfb_run.plan(self.settings, comfy_layout(self.inner_model.diffusion_model), z,
+                                      self.inner_model.latent_format.latent_channels, ms.percent_to_sigma)
             parts, keep = model_identity(self.model_patcher, model_options)
-            schedule = [float(v) for v in sigmas]
-            if s.source_mode == "noised":
-                generator = torch.Generator().manual_seed(SOURCE_NOISE_SEED)
-                n = torch.randn(z.shape, generator=generator).to(z)
-                trajectory = lambda sigma: ms.noise_scaling(torch.tensor(sigma, device=z.device), n, z)  # noqa: E731
-                key = fingerprint("noised", z, SOURCE_NOISE_SEED, names, cond_content(self.conds["source"]), parts)
-            else:
-                key = fingerprint("inverted", z, schedule, names, cond_content(self.conds["source"]), parts)
-            record = cache.record(key, keep)
-            branch = SourceBranch(None, self._source_pass(model_options), names, record, cache,
-                                  comfy.model_management.intermediate_device())
-            if s.source_mode == "inverted":
-                if record.trajectory is None:
-                    record.set_trajectory(branch.invert(z, schedule, float(ms.sigma_min), s.progress))
-                trajectory = record.trajectory.at
-            branch.trajectory = trajectory
-            return _Run(plan, branch, z)
+            branch = pfb_run.open_source_branch(
+                self.settings, blend_plan, z, [float(v) for v in sigmas], float(ms.sigma_min),
+                self._source_pass(model_options), (cond_content(self.conds["source"]), parts), keep,
+                comfy.model_management.intermediate_device(),
+                lambda sigma, noise, x: ms.noise_scaling(torch.tensor(sigma, device=x.device), noise, x))
+            return _Run(blend_plan, branch, z)
 
         def _source_pass(self, model_options: dict):
             def run_pass(x: torch.Tensor, sigma: float, recorder) -> torch.Tensor:

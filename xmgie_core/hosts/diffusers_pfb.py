@@ -22,8 +22,8 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import XMGIEInputError
-from ..pfb import (BlendPlan, FeatureBlender, FeatureRecorder, PFBSettings, SourceBranch, UNetLayout, fingerprint,
-                   latent_blend, parse_layers)
+from ..pfb import FeatureBlender, FeatureRecorder, PFBSettings, SourceBranch, UNetLayout, latent_blend
+from ..pfb import run as pfb_run
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -129,8 +129,7 @@ def pfb_edit(unet: torch.nn.Module, scheduler, source: torch.Tensor, cond: torch
     b = z.shape[0]
     sig = ScheduleSigmas(scheduler)
     layout, points = diffusers_fusion_points(unet)
-    plan = BlendPlan.build(parse_layers(settings.layers, layout, settings.outside_weight, settings.blend_end),
-                           settings.region, settings.soft_edge, settings.latent_end, sig.percent_to_sigma)
+    plan = pfb_run.plan(settings, layout, z, unet.config.out_channels, sig.percent_to_sigma)
     m = plan.latent_mask(*z.shape[-2:], z.device)
     scheduler.set_timesteps(steps)
     start = len(scheduler.timesteps) - max(1, round(steps * strength))
@@ -145,20 +144,9 @@ def pfb_edit(unet: torch.nn.Module, scheduler, source: torch.Tensor, cond: torch
             eps = unet(x / (1 + sigma**2) ** 0.5, sig.timestep(sigma), encoder_hidden_states=rows(source_cond)).sample
         return x - sigma * eps
 
-    cache = settings.private_or_shared_cache()
     schedule = [sig.sigma(t) for t in timesteps]
-    if settings.source_mode == "noised":
-        n = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(z)
-        key = fingerprint("diffusers-noised", id(unet), z, names, source_cond)
-    else:
-        key = fingerprint("diffusers-inverted", id(unet), z, schedule, names, source_cond)
-    branch = SourceBranch(None, run_pass, names, cache.record(key, (unet,)), cache, z.device)
-    if settings.source_mode == "noised":
-        branch.trajectory = lambda sigma: z + sigma * n
-    else:
-        if branch.record.trajectory is None:
-            branch.record.set_trajectory(branch.invert(z, schedule, sig.sigma_min, settings.progress))
-        branch.trajectory = branch.record.trajectory.at
+    branch = pfb_run.open_source_branch(settings, plan, z, schedule, sig.sigma_min, run_pass,
+                                        ("diffusers", id(unet), source_cond), (unet,), z.device)
     if on_branch is not None:
         on_branch(branch)
 
