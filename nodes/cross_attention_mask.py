@@ -1,4 +1,4 @@
-"""XMGIE Cross-Attention Mask node: restrict edit words to the mask region (seed 000 eqs 10-12)."""
+"""XMGIE Cross-Attention Mask node: restrict edit words to the mask region ([xMGIE] eqs 10-12)."""
 
 from __future__ import annotations
 

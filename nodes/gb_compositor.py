@@ -1,4 +1,4 @@
-"""XMGIE GB Compositor node: Gaussian-blur compositing (seed 000 eqs 18-19)."""
+"""XMGIE GB Compositor node: Gaussian-blur compositing ([xMGIE] eqs 18-19)."""
 
 from __future__ import annotations
 

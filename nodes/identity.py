@@ -1,5 +1,5 @@
 """XMGIE ID Embedder and XMGIE Identity Score: face embeddings e_id = E_id(X) and IPS = cos(E_id(X_edit), E_id(X_src))
-(seed 000 sections 3.5, 4.2)."""
+([xMGIE] §3.5, §4.2)."""
 
 from __future__ import annotations
 

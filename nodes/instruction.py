@@ -1,5 +1,5 @@
 """XMGIE Instruction node: an edit instruction -> expressive instruction, source/target descriptions, edit and
-background words, edit type (MGIE's expressive instruction; seed 002's t_o and t_e)."""
+background words, edit type (MGIE's expressive instruction; the learnable-regions paper's t_o and t_e)."""
 
 from __future__ import annotations
 

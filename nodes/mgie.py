@@ -1,4 +1,4 @@
-"""XMGIE MGIE Guidance node: MGIE (seeds 000/001, apple/ml-mgie) — LLaVA reads the image and the instruction, writes
+"""XMGIE MGIE Guidance node: MGIE ([xMGIE] and [MGIE], apple/ml-mgie) — LLaVA reads the image and the instruction, writes
 the expressive instruction and 8 visual tokens [IMG0..7]; the edit head maps their hidden states to the 77 x 768
 conditioning of an InstructPix2Pix U-Net."""
 

@@ -1,4 +1,4 @@
-"""XMGIE PFB Sampler and XMGIE PFB Guider: progressive feature blending with a source branch (seed 000 eqs 5-6,
+"""XMGIE PFB Sampler and XMGIE PFB Guider: progressive feature blending with a source branch ([xMGIE] eqs 5-6,
 PFB-Diff), on ComfyUI's own sampling."""
 
 from __future__ import annotations

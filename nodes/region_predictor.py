@@ -1,4 +1,4 @@
-"""XMGIE Region Predictor node: where to edit, from the image and the instruction (seed 002 eqs 1-3, multi-scale),
+"""XMGIE Region Predictor node: where to edit, from the image and the instruction ([Regions] eqs 1-3, multi-scale),
 or without trained weights (DiffEdit noise difference, the edit words' cross-attention, CLIPSeg)."""
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class XMGIERegionPredictor:
         "The region over the photo (red), for checking it at a glance.",
     )
     DESCRIPTION = (
-        "Where to edit. learned: seed 002's predictor (CLIP ViT-L/14 patches x FLAN-T5 instruction, cross- and "
+        "Where to edit. learned: the learnable-regions paper's predictor (CLIP ViT-L/14 patches x FLAN-T5 instruction, cross- and "
         "self-attention, MLP + sigmoid) at several scales. noise-difference: DiffEdit, the U-Net's noise predictions "
         "under the target vs the source description. attention: the edit words' cross-attention during a short "
         "denoising pass. clipseg: CLIPSeg prompted with the edit words. An empty region is reported, not an error."

@@ -1,6 +1,6 @@
 """The ComfyUI CAM patch callables, called with tensors shaped as ComfyUI passes them (no ComfyUI needed).
 
-`run_attn2` replays BasicTransformerBlock's cross-attention step (attention.py, COMFY_HOST 2.4):
+`run_attn2` replays BasicTransformerBlock's cross-attention step (attention.py; docs/comfyui-internals.md §3.3):
 attn2_patch list, then either an attn2_replace (given projected q/k/v) or the stock path through
 optimized attention with transformer_options (where an override is honoured), then the
 attn2_output_patch list. The real ComfyUI runs in tests/host/.

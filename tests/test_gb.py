@@ -1,4 +1,4 @@
-"""GB compositor (seed 000 section 3.6, eqs 18-19): equations, reference, invariants, errors."""
+"""GB compositor ([xMGIE] §3.6, eqs 18-19): equations, reference, invariants, errors."""
 
 from __future__ import annotations
 

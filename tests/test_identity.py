@@ -1,4 +1,4 @@
-"""Identity (seed 000 sections 3.5, 4.2) on real faces with dlib's weights from PyPI: IPS of the astronaut against
+"""Identity ([xMGIE] §3.5, §4.2) on real faces with dlib's weights from PyPI: IPS of the astronaut against
 itself, crops, flips, blur and JPEG of it, and against another real person; no face; batches, greyscale and RGBA;
 face indices and masks; face matching; and the insightface loader's diagnostics on ONNX models built here."""
 

@@ -1,4 +1,4 @@
-"""The learned region predictor (seed 002 eqs 1-3), its safetensors file, multi-scale fusion, post-processing and
+"""The learned region predictor ([Regions] eqs 1-3), its safetensors file, multi-scale fusion, post-processing and
 the preview — on tiny random models built here."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training of the region predictor (seed 002 eqs 4-11): each loss term on known tensors, gradients through the
+"""Training of the region predictor ([Regions] eqs 4-11): each loss term on known tensors, gradients through the
 composite X_res, the records reader and builder, the training CLI on tiny models (resume is bit-identical), and a
 toy task (tests/fixtures/region_task.py) learned from the losses alone."""
 

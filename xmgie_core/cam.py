@@ -1,4 +1,4 @@
-"""Cross-Attention Masking (CAM), xMGIE seed 000 section 3.4, eqs 10-12 (PFB-Diff).
+"""Cross-Attention Masking (CAM), xMGIE [xMGIE] §3.4, eqs 10-12 (PFB-Diff).
 
 Chosen text tokens may act only inside the edit region; optional background tokens only
 outside it. With S = Q K^T / sqrt(d), A = softmax(S) and a per-(query, token) weight

@@ -92,7 +92,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m xmgie_core", description="xMGIE headless tools.")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("gb", help="Gaussian-blur compositing (seed 000 eqs 18-19) of an edited image.")
+    g = sub.add_parser("gb", help="Gaussian-blur compositing ([xMGIE] eqs 18-19) of an edited image.")
     g.add_argument("--edited", type=Path, required=True, help="edited image; its alpha is the mask (transparent = edit) unless --mask is given")
     g.add_argument("--mask", type=Path, help="greyscale mask file, white = edit")
     g.add_argument("--source", type=Path, help="original image (needed for --mode composite)")

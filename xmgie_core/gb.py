@@ -1,4 +1,4 @@
-"""Gaussian-blur (GB) compositing, xMGIE seed 000 section 3.6, eqs 18-19.
+"""Gaussian-blur (GB) compositing, xMGIE [xMGIE] §3.6, eqs 18-19.
 
   D_edit   = distance transform of the binary edit mask M (each edited pixel's distance
              to the nearest unedited pixel);

@@ -146,7 +146,7 @@ def start_comfy_host(comfy_root: Path, base: Path) -> ComfyHost:
 
 
 # --------------------------------------------------------------------------------------------------
-# Tiny SD1.5 checkpoint (COMFY_HOST.md section 7)
+# Tiny SD1.5 checkpoint (docs/comfyui-internals.md §5.4)
 # --------------------------------------------------------------------------------------------------
 
 TINY_UNET_CONFIG: dict[str, Any] = dict(
@@ -243,7 +243,7 @@ def describe_failure(messages: list, node_errors: dict | None = None) -> str:
 
 
 class _StubServer:
-    """The attributes PromptExecutor touches on PromptServer (COMFY_HOST.md section 9.2)."""
+    """The attributes PromptExecutor touches on PromptServer (docs/comfyui-internals.md §7.3)."""
 
     def __init__(self) -> None:
         self.client_id = None
@@ -275,7 +275,7 @@ class PromptRunner(Protocol):
 
 
 class InProcessRunner:
-    """Serverless execution: ComfyUI's validate_prompt + PromptExecutor in this process (section 9.2)."""
+    """Serverless execution: ComfyUI's validate_prompt + PromptExecutor in this process (docs/comfyui-internals.md §7.3)."""
 
     name = "serverless"
 
@@ -407,7 +407,7 @@ class ComfyServer:
 
 
 class ComfyClient:
-    """Minimal client for ComfyUI's HTTP + websocket API (COMFY_HOST.md sections 6.3, 6.4)."""
+    """Minimal client for ComfyUI's HTTP + websocket API (docs/comfyui-internals.md §7.1, §7.2)."""
 
     name = "http"
 

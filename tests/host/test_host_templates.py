@@ -1,4 +1,4 @@
-"""The templates menu (COMFY_HOST.md 6.2): the running server lists every bundled UI workflow
+"""The templates menu (docs/comfyui-internals.md §6.6): the running server lists every bundled UI workflow
 (workflows/*.json) under the pack's folder name, and serves each one and its thumbnail."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """PFB on ComfyUI's U-Net: block patches with ComfyUI's signatures and a CFGGuider subclass that runs the source
-branch beside the edit (COMFY_HOST sections 2.3, 2.7, 3.2, 7.5).
+branch beside the edit (docs/comfyui-internals.md §2.1, §2.3, §2.4, §3.2, §3.5).
 
 - Fusion points: `input_k` is `input_block_patch_after_skip` at block ("input", k) (h after it was pushed as a
   skip: the skip stays unblended); `middle` is `output_block_patch` at ("output", 0) on h; `output_k` is

@@ -1,7 +1,7 @@
 """Zero-shot region maps on ComfyUI objects (MODEL, CLIP, a VAE-encoded latent): DiffEdit's noise difference and
 the edit words' cross-attention (math in xmgie_core.region.zeroshot).
 
-Each mode runs inside comfy.samplers.CFGGuider.sample with a stand-in sampler (COMFY_HOST 3.2): the guider loads
+Each mode runs inside comfy.samplers.CFGGuider.sample with a stand-in sampler (docs/comfyui-internals.md §2.1): the guider loads
 the model, merges wrappers and hooks, processes the conditioning (SDXL's size conds included) and moves the latent
 into model space (process_latent_in); the stand-in then runs its U-Net passes with comfy.samplers.calc_cond_batch.
 Latents are noised with the model's model_sampling.noise_scaling, and the noise prediction is recovered from the

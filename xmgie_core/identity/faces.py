@@ -1,4 +1,4 @@
-"""Faces, identity embeddings and the identity preservation score (xMGIE seed 000 sections 3.5 and 4.2).
+"""Faces, identity embeddings and the identity preservation score (xMGIE [xMGIE] §3.5 and §4.2).
 
   e_id = E_id(X)                                  a face recognizer's embedding, L2-normalised
   IPS  = cos(E_id(X_edit), E_id(X_src))           per face, matched between the two images

@@ -1,5 +1,5 @@
 """The local model backend: a transformers image-text-to-text model (Qwen2.5-VL, LLaVA-family, ...) from a local
-folder captions the source image (t_o, seed 002) and then, from (t_o, instruction), writes the plan as strict
+folder captions the source image (t_o, [Regions]) and then, from (t_o, instruction), writes the plan as strict
 JSON. Malformed answers fall back to the rules backend with a visible warning.
 
 Loading never downloads and never runs code from the folder: local_files_only, trust_remote_code=False,

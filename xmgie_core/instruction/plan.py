@@ -1,4 +1,4 @@
-"""What the Instruction node produces (MGIE's expressive instruction; seed 002's t_o, t_e), and its strict JSON form.
+"""What the Instruction node produces (MGIE's expressive instruction; the learnable-regions paper's t_o, t_e), and its strict JSON form.
 
   source description  t_o: what the source image shows (the PFB source branch's prompt)
   target description  t_e: what the edited image shows (the sampler's and CAM's prompt)

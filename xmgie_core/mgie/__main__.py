@@ -1,8 +1,7 @@
 """`python -m xmgie_core.mgie <command> [options]`: MGIE tools.
 
 Each command lives in its own module with a `main(argv) -> int` (optionally `main(argv, prog=...)`, for its usage
-line); the module is imported only when its command runs. To add one (e.g. `train` from train.py), add a line to
-COMMANDS.
+line); the module is imported only when its command runs. A new command is one more line in COMMANDS.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Progressive Feature Blending (seed 000 section 3.3, eqs 5-6; PFB-Diff): blend the edit branch's U-Net features
+"""Progressive Feature Blending ([xMGIE] §3.3, eqs 5-6; PFB-Diff): blend the edit branch's U-Net features
 with a source branch's under the edit mask, and keep the latent outside the mask on the source trajectory."""
 
 from .blend import BlendPlan, LayerBlend, UNetLayout, blend_features, latent_blend, layer_alpha, parse_layers

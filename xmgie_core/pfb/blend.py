@@ -1,5 +1,5 @@
-"""Progressive Feature Blending (PFB), xMGIE seed 000 section 3.3, eqs 5-6 (PFB-Diff), and latent blending
-(seed 002 App. A.3, eq 23).
+"""Progressive Feature Blending (PFB), xMGIE [xMGIE] §3.3, eqs 5-6 (PFB-Diff), and latent blending
+([Regions] App. A.3, eq 23).
 
 At a U-Net layer l the edit branch's features F_G are blended with the source branch's F_X of the same step:
 

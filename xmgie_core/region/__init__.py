@@ -1,1 +1,1 @@
-"""Where to edit: seed 002's learned region predictor (eqs 1-11) and zero-shot region modes."""
+"""Where to edit: the learnable-regions paper's learned region predictor (eqs 1-11) and zero-shot region modes."""

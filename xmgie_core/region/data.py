@@ -1,4 +1,4 @@
-"""Training records for the region predictor (seed 002 §4), and a builder that makes them from captioned images.
+"""Training records for the region predictor ([Regions] §4), and a builder that makes them from captioned images.
 
 A record is one JSON line: {"image": path, "t_o": source description, "t_ins": instruction, "t_e": target
 description, "render": path}. `render` is X_gen, a frozen generator's render of t_e for that image, made once here
@@ -337,7 +337,7 @@ def build_records(captions_path: Path, out: Path, s: BuildSettings, overwrite: b
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m xmgie_core.region.data",
-                                description="Region predictor training data (seed 002 §4).")
+                                description="Region predictor training data ([Regions] §4).")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="records (t_o, t_ins, t_e, X_gen) from captioned images",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -1,4 +1,4 @@
-"""The frozen encoders around the region predictor (seed 002 §3.1), behind three small interfaces:
+"""The frozen encoders around the region predictor ([Regions] §3.1), behind three small interfaces:
 
   ImageEncoder        pixels [B, 3, S, S] in 0..1 -> (I = E_v(X)[CLS] projected [B, P], F_img [B, N, d] patches)
   TextEncoder         texts -> T = E_t(t) [B, P]                (CLIP text, for T_o and T_e in the losses)

@@ -1,4 +1,4 @@
-"""The training objective of the region predictor (seed 002 §3.3, eqs 4-11), as short functions over tensors.
+"""The training objective of the region predictor ([Regions] §3.3, eqs 4-11), as short functions over tensors.
 
   generator step  M~ = bilinear upsample of P_region's patch grid to the image size,
                   X_res = (1 - M~) X + M~ X_gen       (X_gen: a frozen generator's render of t_e, cached per record)

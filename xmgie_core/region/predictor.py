@@ -1,4 +1,4 @@
-"""The learned region predictor of seed 002 §3.1-3.2 (eqs 1-3), and its one-file safetensors form.
+"""The learned region predictor of [Regions] §3.1-3.2 (eqs 1-3), and its one-file safetensors form.
 
   F_img  [N, d]  CLIP ViT-L/14 patch features (CLS excluded), F_ins [M, d] FLAN-T5 encoder features
   eq 1   F_Editedimg  = F_img + softmax(Q K^T / sqrt(d_h)) V,   Q = F_img W_Q, K = F_ins W_K, V = F_ins W_V

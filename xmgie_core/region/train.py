@@ -1,4 +1,4 @@
-"""Training of the region predictor (seed 002 §3.3 and §4): eqs 1-3 trained with eqs 4-11 (see losses.py).
+"""Training of the region predictor ([Regions] §3.3 and §4): eqs 1-3 trained with eqs 4-11 (see losses.py).
 
 One step, per batch of records (X, X_gen, t_o, t_ins, t_e):
   without grad   E_v(X) and F_img (CLIP vision on X), T_o and T_e (CLIP text), F_ins (FLAN-T5 on t_ins)
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainSettings()
     w = LossWeights()
     p = argparse.ArgumentParser(prog="python -m xmgie_core.region.train",
-                                description="Train the xMGIE region predictor (seed 002 eqs 1-11).",
+                                description="Train the xMGIE region predictor ([Regions] eqs 1-11).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="records .jsonl with renders (region.data build)")
     p.add_argument("--clip", type=Path, required=True, help="transformers CLIP folder (e.g. clip-vit-large-patch14)")
