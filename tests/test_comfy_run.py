@@ -524,7 +524,8 @@ class FakeComfy:
             (self.running if state == "running" else self.pending).append(item)
         for msg in messages:
             self.sockets[client_id].put(msg)
-        return 200, {"prompt_id": prompt_id, "number": len(self.prompts), "node_errors": {}}
+        return 200, {"prompt_id": prompt_id, "number": len(self.prompts),
+                     "node_errors": (answer or {}).get("node_errors", {})}
 
     def serve_websocket(self, handler: BaseHTTPRequestHandler, client_id: str) -> None:
         accept = base64.b64encode(hashlib.sha1((handler.headers["Sec-WebSocket-Key"] + WS_GUID).encode()).digest())
@@ -574,6 +575,11 @@ class FakeComfy:
 
     def reject(self, prompt: dict, prompt_id: str) -> tuple:
         return 400, BAD_CHECKPOINT, [], {}, "done"
+
+    def accept_part(self, prompt: dict, prompt_id: str) -> tuple:
+        """ComfyUI's answer when some outputs validate and others do not: HTTP 200, the prompt queued, node_errors
+        for the rest (which would be skipped)."""
+        return 200, {"node_errors": BAD_CHECKPOINT["node_errors"]}, [], {}, "pending"
 
     def fail(self, prompt: dict, prompt_id: str) -> tuple:
         return 200, None, success_messages(prompt_id, prompt)[:6] + [error_message(prompt_id)], {}, "done"
@@ -895,3 +901,12 @@ def test_a_websocket_that_closes_mid_run_cancels_the_prompt(fake, photos, tmp_pa
     assert rc == 1
     assert fake.interrupts == fake.prompt_ids and not fake.running
     assert "websocket closed before prompt" in err and "was running on ComfyUI and was interrupted" in err
+
+
+def test_a_prompt_accepted_only_in_part_is_a_failure_and_taken_off_the_queue(fake, photos, tmp_path, capsys):
+    """HTTP 200 with node_errors: ComfyUI would silently run only the outputs that validated."""
+    fake.plan = fake.accept_part
+    rc = run_cli(fake, "--workflow", "xmgie_region_edit", "--image", str(photos[0]), "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "ComfyUI accepted only part of the workflow" in err
+    assert "node 2 (CheckpointLoaderSimple):" in err and not fake.pending

@@ -482,7 +482,13 @@ class ComfyClient:
             raise RunFailed(format_rejection(body))
         if r.status_code != 200:
             raise RunFailed(f"POST /prompt answered HTTP {r.status_code}: {r.text[:1000]}")
-        self.queued_id = r.json()["prompt_id"]  # a server older than 0.3.64 may choose its own
+        body = r.json()
+        self.queued_id = body["prompt_id"]  # a server older than 0.3.64 may choose its own
+        if body.get("node_errors"):  # queued, but ComfyUI would run only the outputs that validated
+            done = self.cancel(self.queued_id)
+            self.queued_id = None
+            raise RunFailed(format_rejection(body, "ComfyUI accepted only part of the workflow (the outputs below "
+                                                   f"failed validation and would have been skipped; {done})"))
         return self.queued_id
 
     def queue_state(self, prompt_id: str) -> str | None:
