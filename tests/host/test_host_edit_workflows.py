@@ -57,13 +57,20 @@ def test_edit_workflow_runs(runner, tiny_checkpoint):
 
 
 def test_edit_workflow_on_a_photo_larger_than_the_working_size(serverless_runner, tiny_checkpoint, tmp_path):
+    """The model sees the crop at the working size, not the 1536 x 1152 photo: the crop's image is saved too."""
     big = Image.open(harness.ASSETS_DIR / "xmgie_astronaut_source.png").convert("RGB").resize((1536, 1152),
                                                                                                 Image.LANCZOS)
     path = tmp_path / "xmgie_large_photo.png"
     big.save(path)
     name = serverless_runner.provide_input(path)
     prompt = tiny_edit_prompt(EDIT, tiny_checkpoint.name, 7, image=name)
-    run_and_check(serverless_runner, prompt, "xmgie_edit_large", np.array(big))
+    crop_id, crop = harness.node_of(prompt, "XMGIECropForEdit")
+    prompt["92"] = {"class_type": "SaveImage", "inputs": {"images": [crop_id, 0], "filename_prefix": "xmgie_crop"}}
+    run, _ = run_and_check(serverless_runner, prompt, "xmgie_edit_large", np.array(big))
+    (seen,) = [serverless_runner.read_image(image) for image in run.images("92")]
+    working = crop["inputs"]["working_size"]
+    assert max(seen.shape[:2]) == working < max(big.size), f"the model saw {seen.shape[:2]}, not a crop"
+    assert all(side % int(crop["inputs"]["multiple"]) == 0 for side in seen.shape[:2])
 
 
 def test_face_workflow_runs_and_scores_every_candidate(runner, tiny_checkpoint):
