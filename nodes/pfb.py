@@ -7,8 +7,9 @@ import torch
 
 from ..xmgie_core.errors import XMGIEInputError
 from ..xmgie_core.hosts.comfy_pfb import LOG, pfb_guider_class, warn_empty_mask
-from ..xmgie_core.identity.faces import IdEmbed, embed_images, ips_report
+from ..xmgie_core.identity.faces import IdEmbed
 from ..xmgie_core.identity.protect import protected_mask, rank_by_ips
+from ..xmgie_core.identity.scoring import score_images
 from ..xmgie_core.pfb import SOURCE_MODES, PFBSettings, SourceCache
 from ..xmgie_core.validation import check_range
 from .identity import recognizer_for
@@ -229,8 +230,7 @@ class XMGIEPFBSampler:
         if best_of == 1:
             result["samples"] = out
             return result, [], note
-        values, report = ips_report(id_embed, embed_images(recognizer_for(id_embed), vae.decode(out), -1,
-                                                           pass_through=True))
+        values, report = score_images(recognizer_for(id_embed), id_embed, vae.decode(out))
         order = rank_by_ips(values)
         lines = report.splitlines()
         result["samples"] = out[order]

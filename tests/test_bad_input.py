@@ -108,6 +108,40 @@ def _cam_args(clip_tokenizer, **change):
     return {**args, **change}
 
 
+def _id_embed(images: int, faces: int = 1):
+    """An ID_EMBED of `images` images with `faces` made-up dlib faces each."""
+    from xmgie_core.identity.faces import Face, IdEmbed
+
+    face = Face((10.0, 10.0, 30.0, 30.0), np.zeros((5, 2), np.float32), 1.0, np.ones(128, np.float32) / 128 ** 0.5)
+    return IdEmbed([[face] * faces for _ in range(images)], (H, W), "dlib")
+
+
+IDENTITY_CASES = {
+    "source batch 2, edits 3": ({"source": _id_embed(2), "edited": _img(b=3)},
+                                "source ID_EMBED holds 2 images but 3 edited images .* unclear which source",
+                                r"Give equal batches \(edit i is scored against source i\) or a source batch of 1"),
+    "source without faces": ({"source": _id_embed(1, faces=0), "edited": _img()}, "source ID_EMBED has no faces",
+                             "Run the ID Embedder on an image with a face"),
+    "NaN edit": ({"source": _id_embed(1), "edited": _with(_img(), (0, 1, 1, 0), float("nan"))},
+                 "edited image contains NaN", "check the node that produced it"),
+}
+
+
+@pytest.mark.parametrize("case", list(IDENTITY_CASES))
+def test_identity_score_bad_input(pack, case):
+    args, what, fix = IDENTITY_CASES[case]
+    with pytest.raises(ValueError) as err:
+        pack.NODE_CLASS_MAPPINGS["XMGIEIdentityScore"]().score(**args)
+    assert re.search(what, str(err.value)) and re.search(fix, str(err.value)), f"{case}: {err.value}"
+
+
+@pytest.mark.parametrize("sources, edits", [(1, 3), (2, 2), (2, 1)])
+def test_identity_score_batches_that_are_not_errors(pack, sources, edits):
+    """A batch of 1 goes with every image of the other side; equal batches pair up (no face in these edits)."""
+    values, report = pack.NODE_CLASS_MAPPINGS["XMGIEIdentityScore"]().score(_id_embed(sources), _img(b=edits))["result"]
+    assert values == [0.0] * max(sources, edits) and report.count("not found in the edit") == max(sources, edits)
+
+
 CAM_CASES = {
     "NaN mask": ({"mask": torch.full((1, 8, 8), float("nan"))}, "CAM mask contains NaN", "check the node"),
     "partly NaN mask": ({"mask": _with(torch.ones(1, 8, 8), (0, 0, slice(0, 4)), float("nan"))},

@@ -5,7 +5,6 @@ SafetensorError, KeyError or UnicodeDecodeError -> OSError traceback."""
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest

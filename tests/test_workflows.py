@@ -236,6 +236,16 @@ def test_face_workflow_wiring():
     assert len(embedders) == 2 and scored["inputs"]["image"] == ["1", 0] and score["inputs"]["edited"] == [gb_id, 0]
 
 
+@pytest.mark.parametrize("path", API_FILES, ids=ids(API_FILES))
+def test_bundled_face_embedders_use_the_licence_clean_dlib_default(path, pack):
+    """insightface's packs are for non-commercial research only: bundled workflows use dlib, which is a choice of
+    the node's backend list (a value outside it fails ComfyUI's validation)."""
+    choices = pack.NODE_CLASS_MAPPINGS["XMGIEIDEmbedder"].INPUT_TYPES()["required"]["backend"][0]
+    for node in load(path).values():
+        if node["class_type"] == "XMGIEIDEmbedder":
+            assert node["inputs"]["backend"] == "dlib" and "dlib" in choices
+
+
 def test_sample_images_regenerate_from_make_samples():
     """The committed PNGs are exactly what workflows/assets/make_samples.py produces."""
     spec = importlib.util.spec_from_file_location("xmgie_make_samples", ASSETS / "make_samples.py")

@@ -125,10 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longer side of the crop the model sees")
     e.add_argument("--face-protection", type=setting("face_protection", float), default=EDIT.face_protection,
                    help="0..1: keep faces the edit overlaps")
-    e.add_argument("--identity", choices=("auto", "dlib", "insightface", "none"), default="auto",
-                   help="face backend for protection and the identity score (auto: dlib when installed)")
+    e.add_argument("--identity", choices=("dlib", "auto", "insightface", "none"), default="dlib",
+                   help="face backend for protection and the identity score (dlib: public-domain weights; auto: dlib "
+                        "when installed, else none; insightface: a pack, see --insightface-pack)")
     e.add_argument("--insightface-root", type=Path, help="folder with models/<pack>/*.onnx")
-    e.add_argument("--insightface-pack", default="antelopev2")
+    e.add_argument("--insightface-pack", default="antelopev2",
+                   help="pack folder name (antelopev2 and buffalo_l: non-commercial licence; any pack of that layout "
+                        "with an ArcFace-style recognition model works)")
     e.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is usable, else cpu)")
     e.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     e.set_defaults(run=run_edit)

@@ -23,9 +23,6 @@ def tiny_edit_prompt(name: str, checkpoint: str, seed: int, image: str | None = 
     harness.node_of(prompt, "XMGIERegionPredictor")[1]["inputs"].update(draws=2, seed=seed)
     if image:
         harness.node_of(prompt, "LoadImage")[1]["inputs"]["image"] = image
-    for node in prompt.values():
-        if node["class_type"] == "XMGIEIDEmbedder":
-            node["inputs"]["backend"] = "dlib"  # no insightface pack on this machine
     return prompt
 
 

@@ -307,7 +307,7 @@ def astronaut_faces(comfy_host):
 def test_face_protection_keeps_the_overlapped_face_the_source(comfy_host, sd15, conds, astronaut_faces):
     """An edit region over the astronaut's lower face and neck: with id_embed at strength 1 and the latent
     blended to the end, latent cells inside the face are the source exactly; without it they are edited."""
-    from xmgie_core.identity.faces import face_mask
+    from xmgie_core.identity.masks import face_mask
 
     embed, _ = astronaut_faces
     mask = torch.zeros(1, 512, 512)

@@ -7,7 +7,7 @@ bundled xmgie_edit workflow:
   crop     = plan_crop(M): the region's neighbourhood at the working size (large photos stay cheap)
   z_edit   = PFB (eqs 5, 23) with CAM (eqs 10-12) on the crop, faces the edit overlaps protected
   X_out    = gb_composite(stitch(decode(z_edit)), X, M)     (the photo bit for bit outside the blend zone)
-  IPS      = cos(E_id(X_out), E_id(X))                      (when a face backend is available)
+  IPS      = min over faces of cos(E_id(X_out), E_id(X))     (faces searched coarse to fine and in the crop)
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from .. import crop as cs
 from .. import gb, limits
 from ..cam import TokenRestriction
 from ..errors import XMGIEInputError
-from ..identity.faces import IdEmbed, embed_images, ips_report
+from ..identity.faces import IdEmbed, embed_images
 from ..identity.protect import protected_mask
+from ..identity.scoring import score_images
 from ..instruction.plan import EditPlan
 from ..instruction.rules import rules_plan
 from ..pfb.settings import PFBSettings
@@ -42,7 +43,6 @@ from .diffusers_region import diffusers_noise_difference
 
 CONTEXT_TOKENS = 77
 """SD1.5's CLIP context (hf_token_positions counts in it too)."""
-FACE_SIZE = 1024
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
 STAGES = ("instruction", "region", "crop", "sampling", "decode", "identity", "composite")
 Log = Callable[[str], None]
@@ -271,23 +271,19 @@ def protect_faces(backend, crop_image: torch.Tensor, crop_mask: torch.Tensor, st
     return mask
 
 
-def for_faces(image: torch.Tensor, longest: int = FACE_SIZE) -> torch.Tensor:
-    """The photo at most `longest` px on its longer side, for face detection and the identity score (a 12 MP
-    photo takes dlib's detector seconds; faces worth scoring stay far above its 40 px minimum)."""
-    scale = longest / max(image.shape[1:3])
-    if scale >= 1:
-        return image
-    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale)))
-    return torch.nn.functional.interpolate(image.movedim(-1, 1), size=size, mode="bilinear", antialias=True,
-                                           align_corners=False).clamp(0, 1).movedim(1, -1)
+def crop_region(geometry: cs.CropGeometry) -> tuple[int, int, int, int]:
+    """The crop's box as (x1, y1, x2, y2) photo pixels: faces there are searched at full resolution."""
+    top, left, bottom, right = geometry.box
+    return left, top, right, bottom
 
 
-def score_identity(backend, source: IdEmbed | None, edited: torch.Tensor) -> tuple[list[float] | None, str]:
+def score_identity(backend, source: IdEmbed | None, edited: torch.Tensor,
+                   regions: tuple = ()) -> tuple[list[float] | None, str]:
     if backend is None:
         return None, "not scored: no face backend (pip install dlib-bin face-recognition-models, or --identity none)"
     if source is None or source.empty:
         return None, "not scored: no face found in the source photo"
-    return ips_report(source, embed_images(backend, for_faces(edited), pass_through=True))
+    return score_images(backend, source, edited, regions)
 
 
 def edit_photo(models: SD15, image: torch.Tensor, settings: EditSettings, mask: torch.Tensor | None = None,
@@ -313,8 +309,9 @@ def edit_photo(models: SD15, image: torch.Tensor, settings: EditSettings, mask: 
                                 settings.max_upscale, photo=image)
         crop_image, crop_mask = cs.crop_image(image, geometry), cs.crop_mask(mask, geometry, image)
     with watch.stage("identity"):
-        source_faces = None if face_backend is None else embed_images(face_backend, for_faces(image),
-                                                                      pass_through=True)
+        regions = (crop_region(geometry),)
+        source_faces = None if face_backend is None else embed_images(face_backend, image, pass_through=True,
+                                                                      regions=regions)
         pfb_mask = protect_faces(face_backend, crop_image, crop_mask, settings.face_protection, notes)
     if empty_items(mask):
         notes.append("the region is empty: nothing was edited (the photo is returned unchanged)")
@@ -329,13 +326,13 @@ def edit_photo(models: SD15, image: torch.Tensor, settings: EditSettings, mask: 
             result = gb.gb_composite(stitched, image, mask, settings.sigma_max, settings.sigma_scale,
                                      settings.edge_width).image
     with watch.stage("identity"):
-        ips, identity = score_identity(face_backend, source_faces, result)
+        ips, identity = score_identity(face_backend, source_faces, result, regions)
     return EditResult(result, mask, overlay, plan, geometry, watch.times, ips, identity, notes)
 
 
 def face_backend_for(name: str, insightface_root: Path | None = None, pack: str = "antelopev2"):
-    """'auto' (dlib when installed, else none), 'dlib', 'insightface' (a pack under insightface_root/models/),
-    'none' -> a backend or None."""
+    """'dlib' (the default), 'auto' (dlib when installed, else none), 'insightface' (a pack under
+    insightface_root/models/), 'none' -> a backend or None."""
     from ..identity.backends import Dlib, InsightFace
 
     if name == "none":

@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import XMGIEInputError
-from .faces import Face, by_size, normalise
+from .faces import Face, iou, normalise, view
 
 INSIGHTFACE_PACKS = ("antelopev2", "buffalo_l")
+"""insightface's own packs: their weights are licensed for non-commercial research only."""
+NON_COMMERCIAL = "(non-commercial licence)"
 DETECTION_SIZES = (640, 512, 384, 256)
 """insightface detection input sizes, largest first: a face missed at one size is looked for at the next."""
 
@@ -66,12 +68,37 @@ def insightface_folder(root: Path, name: str) -> Path:
     return folder
 
 
+def insightface_choices(root: Path | None) -> list[str]:
+    """Backend names for the insightface packs: insightface's own (always listed, labelled NON_COMMERCIAL) and any
+    other folder <root>/models/<name>/ holding .onnx files in the same layout (e.g. an Apache-licensed AuraFace
+    pack with an ArcFace-style recognition model), whose licence is its own."""
+    own = [f"insightface: {p} {NON_COMMERCIAL}" for p in INSIGHTFACE_PACKS]
+    models = root / "models" if root is not None else None
+    other = sorted(p.name for p in models.iterdir() if p.is_dir() and p.name not in INSIGHTFACE_PACKS
+                   and any(p.glob("*.onnx"))) if models is not None and models.is_dir() else []
+    return own + [f"insightface: {name}" for name in other]
+
+
+def insightface_pack(choice: str) -> str:
+    """The pack folder name of a backend choice: 'insightface: antelopev2 (non-commercial licence)' -> 'antelopev2'."""
+    return choice.split(":", 1)[1].replace(NON_COMMERCIAL, "").strip()
+
+
 class InsightFace:
     """insightface FaceAnalysis (detection + recognition only) on a checked model folder."""
 
+    CANDIDATE_THRESHOLD = 0.3
+    """SCRFD score of a candidate (its own default, 0.5, must hold when the candidate is confirmed)."""
+    CONFIRM_SIDE = 160
+    """A face is confirmed in a view where it is this many px (the view: twice that, the detector's input size)."""
+
     def __init__(self, root: Path, name: str, use_cuda: bool = False):
-        import onnxruntime
-        from insightface.app import FaceAnalysis
+        try:
+            import onnxruntime
+            from insightface.app import FaceAnalysis
+        except ImportError:
+            raise XMGIEInputError("The insightface backend needs the insightface and onnxruntime packages: pip "
+                                  "install insightface onnxruntime (or choose the dlib backend).") from None
 
         folder = insightface_folder(root, name)
         cuda = use_cuda and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
@@ -80,54 +107,85 @@ class InsightFace:
         self.app = FaceAnalysis(name=str(folder), allowed_modules=["detection", "recognition"], providers=providers)
         self.ctx = 0 if cuda else -1
 
-    def faces(self, rgb: np.ndarray) -> list[Face]:
-        bgr = np.ascontiguousarray(rgb[..., ::-1])
+    def _detect(self, rgb: np.ndarray, size: int, threshold: float):
+        self.app.prepare(ctx_id=self.ctx, det_thresh=threshold, det_size=(size, size))
+        return self.app.get(np.ascontiguousarray(rgb[..., ::-1]))
+
+    def candidates(self, rgb: np.ndarray) -> list[tuple[tuple, float]]:
         for size in DETECTION_SIZES:
-            self.app.prepare(ctx_id=self.ctx, det_size=(size, size))
-            found = self.app.get(bgr)
+            found = self._detect(rgb, size, self.CANDIDATE_THRESHOLD)
             if found:
-                return by_size([Face(tuple(float(v) for v in f.bbox), np.asarray(f.kps, dtype=np.float32),
-                                     float(f.det_score), normalise(f.embedding)) for f in found])
+                return [(tuple(float(v) for v in f.bbox), float(f.det_score)) for f in found]
         return []
 
+    def confirm(self, rgb: np.ndarray, box: tuple, strict: bool = True) -> Face | None:
+        crop, x0, y0, scale = view(rgb, box, 2.0, self.CONFIRM_SIDE)
+        found = self._detect(crop, 2 * self.CONFIRM_SIDE, 0.5 if strict else self.CANDIDATE_THRESHOLD)
+        faces = [Face(tuple(float(v) for v in f.bbox), np.asarray(f.kps, dtype=np.float32), float(f.det_score),
+                      normalise(f.embedding)).mapped(x0, y0, scale) for f in found]
+        i = closest([f.box for f in faces], box, strict)
+        return None if i is None else faces[i]
 
-def dlib_model_files() -> tuple[Path, Path]:
-    """The 5-point shape predictor and ResNet embedder shipped in face-recognition-models (located without
-    importing that package, whose __init__ needs pkg_resources)."""
+
+def closest(boxes: list[tuple], box: tuple, strict: bool) -> int | None:
+    """The index of the box nearest `box`'s centre; strict: only a box overlapping `box` (IoU >= 0.3)."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    near = [i for i, b in enumerate(boxes) if not strict or iou(b, box) >= 0.3]
+    return min(near, key=lambda i: ((boxes[i][0] + boxes[i][2]) / 2 - cx) ** 2 + ((boxes[i][1] + boxes[i][3]) / 2 - cy) ** 2,
+               default=None)
+
+
+def dlib_models() -> Path:
+    """The folder of dlib's weights shipped in face-recognition-models (public domain; located without importing
+    that package, whose __init__ needs pkg_resources)."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise XMGIEInputError("The dlib backend needs the dlib-bin and face-recognition-models packages: "
                               "pip install dlib-bin face-recognition-models")
-    models = Path(spec.submodule_search_locations[0]) / "models"
-    return models / "shape_predictor_5_face_landmarks.dat", models / "dlib_face_recognition_resnet_model_v1.dat"
+    return Path(spec.submodule_search_locations[0]) / "models"
 
 
 class Dlib:
-    """dlib's HOG face detector, 5-point shape predictor and 128-d ResNet face embedder."""
+    """dlib: HOG detector candidates (its score above CANDIDATE_SCORE), each confirmed by dlib's CNN face detector
+    (MMOD) in a view where the face is CONFIRM_SIDE px; 68 landmarks (face masks), the 5-point shape for dlib's
+    128-d ResNet embedding (as dlib's own face recognition example does)."""
 
-    def __init__(self, min_score: float = 0.5, upsample: int = 1):
+    CANDIDATE_SCORE = -0.5
+    """HOG's own default cut is 0; below it faces turned, dark or small still score, and so does clutter."""
+    CONFIRM_SIDE = 100
+    """The CNN finds faces of 80 px and more at its native scale."""
+
+    def __init__(self):
         try:
             import dlib
         except ImportError:
             raise XMGIEInputError("The dlib backend needs the dlib-bin and face-recognition-models packages: "
                                   "pip install dlib-bin face-recognition-models") from None
-        predictor, embedder = dlib_model_files()
+        models = dlib_models()
         self.name = "dlib"
+        self.dlib = dlib
         self.detector = dlib.get_frontal_face_detector()
-        self.predictor = dlib.shape_predictor(str(predictor))
-        self.embedder = dlib.face_recognition_model_v1(str(embedder))
-        self.min_score, self.upsample = min_score, upsample
+        self.cnn = dlib.cnn_face_detection_model_v1(str(models / "mmod_human_face_detector.dat"))
+        self.shape5 = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
+        self.shape68 = dlib.shape_predictor(str(models / "shape_predictor_68_face_landmarks.dat"))
+        self.embedder = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
 
-    def faces(self, rgb: np.ndarray) -> list[Face]:
+    def candidates(self, rgb: np.ndarray) -> list[tuple[tuple, float]]:
+        rects, scores, _ = self.detector.run(np.ascontiguousarray(rgb), 1, self.CANDIDATE_SCORE)
+        return [((float(r.left()), float(r.top()), float(r.right()), float(r.bottom())), float(s))
+                for r, s in zip(rects, scores)]
+
+    def confirm(self, rgb: np.ndarray, box: tuple, strict: bool = True) -> Face | None:
+        crop, x0, y0, scale = view(rgb, box, 2.0, self.CONFIRM_SIDE)
+        found = [((r.rect.left() / scale + x0, r.rect.top() / scale + y0, r.rect.right() / scale + x0,
+                   r.rect.bottom() / scale + y0), float(r.confidence)) for r in self.cnn(np.ascontiguousarray(crop), 0)]
+        i = closest([b for b, _ in found], box, strict)
+        return None if i is None else self.embed(rgb, *found[i])
+
+    def embed(self, rgb: np.ndarray, box: tuple, score: float) -> Face:
+        """The face in `box` of the full image: 68 landmarks and the embedding from the 5-point shape."""
         rgb = np.ascontiguousarray(rgb)
-        rects, scores, _ = self.detector.run(rgb, self.upsample, 0.0)
-        found = []
-        for rect, score in zip(rects, scores):
-            if score < self.min_score:
-                continue
-            shape = self.predictor(rgb, rect)
-            points = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
-            embedding = normalise(np.array(self.embedder.compute_face_descriptor(rgb, shape)))
-            found.append(Face((float(rect.left()), float(rect.top()), float(rect.right()), float(rect.bottom())),
-                              points, float(score), embedding))
-        return by_size(found)
+        rect = self.dlib.rectangle(*(int(round(v)) for v in box))
+        points = np.array([(p.x, p.y) for p in self.shape68(rgb, rect).parts()], dtype=np.float32)
+        embedding = normalise(np.array(self.embedder.compute_face_descriptor(rgb, self.shape5(rgb, rect))))
+        return Face(tuple(float(v) for v in box), points, score, embedding)

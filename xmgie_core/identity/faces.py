@@ -1,31 +1,42 @@
-"""Faces, identity embeddings and the identity preservation score (xMGIE [xMGIE] §3.5 and §4.2).
+"""Faces and identity embeddings e_id = E_id(X) ([xMGIE] §3.5), found coarse to fine.
 
-  e_id = E_id(X)                                  a face recognizer's embedding, L2-normalised
-  IPS  = cos(E_id(X_edit), E_id(X_src))           per face, matched between the two images
+A backend (insightface ArcFace, dlib's ResNet; xmgie_core.identity.backends) offers two things:
 
-The recognizer is a backend (insightface ArcFace, dlib's ResNet); everything here works on what any backend
-returns: a box, landmarks, a detection score and an embedding per face.
+  candidates(rgb) -> [(box, score)]        cheap, permissive detection (false alarms allowed)
+  confirm(rgb, box, strict) -> Face|None   a look at the square around `box`, resampled so the face is a fixed
+                                           size: strict = a confident face overlapping `box` (a candidate's
+                                           check); not strict = any face there (where is the source face now?)
+
+`find_faces` searches a copy of at most COARSE px (and each given region, e.g. an edit's crop, the same way),
+then confirms every candidate at full resolution: large photos cost what a 1024-px one does, small faces in
+them are still found, and a false alarm of the cheap detector (a name tag) must pass the confirmation.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
 from ..errors import XMGIEInputError
 from ..image_io import to_rgb8
 
+Box = tuple[float, float, float, float]
+COARSE = 1024
+"""Longer side of the copy (and of each region) the candidate search runs on."""
+MAX_CANDIDATES = 24
+"""At most this many candidates (best scores first) are confirmed per image."""
+
 
 @dataclass(frozen=True)
 class Face:
-    box: tuple[float, float, float, float]
+    box: Box
     """x1, y1, x2, y2 in pixels."""
     landmarks: np.ndarray
-    """[K, 2] (x, y) points of the backend (insightface: eyes, nose, mouth corners; dlib: eye corners, nose)."""
+    """[K, 2] (x, y) points of the backend (insightface: 5 = eyes, nose, mouth corners; dlib: the 68-point set)."""
     score: float
     embedding: np.ndarray
     """L2-normalised."""
@@ -34,6 +45,12 @@ class Face:
     def area(self) -> float:
         x1, y1, x2, y2 = self.box
         return max(0.0, x2 - x1) * max(0.0, y2 - y1)
+
+    def mapped(self, x0: float, y0: float, scale: float) -> "Face":
+        """The face of a view (a crop at x0, y0 resampled by `scale`) in the full image's pixels."""
+        x1, y1, x2, y2 = self.box
+        return Face((x1 / scale + x0, y1 / scale + y0, x2 / scale + x0, y2 / scale + y0),
+                    self.landmarks / scale + np.array([x0, y0], np.float32), self.score, self.embedding)
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,18 @@ class IdEmbed:
     def empty(self) -> bool:
         return not any(self.faces)
 
+    def label(self, i: int) -> str:
+        """The name of face i in reports: its index among all faces found (face_index), not in the chosen list."""
+        return f"face {i if self.chosen is None else self.chosen}"
+
+
+class Backend(Protocol):
+    name: str
+
+    def candidates(self, rgb: np.ndarray) -> list[tuple[Box, float]]: ...
+
+    def confirm(self, rgb: np.ndarray, box: Box, strict: bool = True) -> Face | None: ...
+
 
 def normalise(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, dtype=np.float32).reshape(-1)
@@ -65,13 +94,19 @@ def by_size(faces: list[Face]) -> list[Face]:
     return sorted(faces, key=lambda f: -f.area)
 
 
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, 21st."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def pick(faces: list[Face], index: int) -> list[Face]:
     """All faces (index -1) or the index-th largest; an index beyond the faces found is a user error."""
     if index < 0:
         return faces
     if index >= len(faces):
-        raise XMGIEInputError(f"face_index {index} asks for the {index + 1}th largest face, but {len(faces)} face(s) "
-                              "were found; use a smaller index, or -1 for all faces.")
+        raise XMGIEInputError(f"face_index {index} asks for the {ordinal(index + 1)} largest face, but {len(faces)} "
+                              "face(s) were found; use a smaller index, or -1 for all faces.")
     return [faces[index]]
 
 
@@ -80,7 +115,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(normalise(a), normalise(b)))
 
 
-def iou(a: tuple, b: tuple) -> float:
+def iou(a: Box, b: Box) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
@@ -88,106 +123,65 @@ def iou(a: tuple, b: tuple) -> float:
     return inter / union if union > 0 else 0.0
 
 
-@dataclass(frozen=True)
-class FaceScore:
-    source: int
-    """Index of the source face."""
-    edited: int | None
-    """Index of the matched edited face; None when no edited face matches (the face was lost)."""
-    ips: float
+def view(rgb: np.ndarray, box: Box, grow: float, side: float) -> tuple[np.ndarray, float, float, float]:
+    """The square around `box`'s centre with sides `grow` x its longer side, resampled (bilinear, black outside
+    the image) so that the box's longer side is `side` px -> (pixels, x0, y0, scale): view = (image - x0) * scale."""
+    x1, y1, x2, y2 = box
+    size = max(x2 - x1, y2 - y1, 1.0)
+    scale = side / size
+    half = grow * size / 2
+    x0, y0 = (x1 + x2) / 2 - half, (y1 + y2) / 2 - half
+    n = max(1, round(2 * half * scale))
+    pixels = Image.fromarray(rgb).transform((n, n), Image.Transform.EXTENT, (x0, y0, x0 + 2 * half, y0 + 2 * half),
+                                            Image.Resampling.BILINEAR)
+    return np.asarray(pixels), x0, y0, n / (2 * half)
 
 
-def match_faces(source: list[Face], edited: list[Face], min_iou: float = 0.3) -> list[FaceScore]:
-    """Each source face's IPS against the edited face at the same place (highest box IoU >= min_iou), else the
-    most similar unused edited face; a source face with no edited face left scores 0."""
-    used: set[int] = set()
-    scores = []
-    for i, face in enumerate(source):
-        free = [j for j in range(len(edited)) if j not in used]
-        placed = [j for j in free if iou(face.box, edited[j].box) >= min_iou]
-        pool = placed or free
-        if not pool:
-            scores.append(FaceScore(i, None, 0.0))
+def shrunk(rgb: np.ndarray, longest: int) -> tuple[np.ndarray, float]:
+    """`rgb` at most `longest` px on its longer side (antialiased) and the scale applied."""
+    scale = min(1.0, longest / max(rgb.shape[:2]))
+    if scale == 1.0:
+        return rgb, 1.0
+    size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX)), scale
+
+
+def distinct(boxes: list[tuple[Box, float]], overlap: float = 0.5) -> list[tuple[Box, float]]:
+    """Non-maximum suppression: best score first, a box overlapping a kept one by IoU >= `overlap` is dropped."""
+    kept: list[tuple[Box, float]] = []
+    for box, score in sorted(boxes, key=lambda b: -b[1]):
+        if all(iou(box, k) < overlap for k, _ in kept):
+            kept.append((box, score))
+    return kept
+
+
+def find_faces(backend: Backend, rgb: np.ndarray, regions: tuple[Box, ...] = ()) -> list[Face]:
+    """Every face of `rgb`, largest first: candidates on a copy of at most COARSE px and on each region (x1, y1,
+    x2, y2 in pixels, searched the same way), each confirmed at full resolution."""
+    found: list[tuple[Box, float]] = []
+    h, w = rgb.shape[:2]
+    for x1, y1, x2, y2 in ((0, 0, w, h), *regions):
+        x1, y1, x2, y2 = (int(max(0, x1)), int(max(0, y1)), int(min(w, x2)), int(min(h, y2)))
+        if x2 - x1 < 8 or y2 - y1 < 8:
             continue
-        key = (lambda j: iou(face.box, edited[j].box)) if placed else (lambda j: cosine(face.embedding, edited[j].embedding))
-        j = max(pool, key=key)
-        used.add(j)
-        scores.append(FaceScore(i, j, cosine(face.embedding, edited[j].embedding)))
-    return scores
+        small, s = shrunk(np.ascontiguousarray(rgb[y1:y2, x1:x2]), COARSE)
+        found += [((b[0] / s + x1, b[1] / s + y1, b[2] / s + x1, b[3] / s + y1), score)
+                  for b, score in backend.candidates(small)]
+    faces: list[Face] = []
+    for box, _ in distinct(found)[:MAX_CANDIDATES]:
+        face = backend.confirm(rgb, box, strict=True)
+        if face is not None and all(iou(face.box, f.box) < 0.5 for f in faces):
+            faces.append(face)
+    return by_size(faces)
 
 
-def face_mask(faces: list[Face], height: int, width: int, feather: float = 8.0, grow: float = 1.15) -> torch.Tensor:
-    """MASK [H, W] in 0..1 covering each face: an ellipse through the box (grown by `grow`), centred on the
-    landmarks' centroid and turned with the line through the two outermost landmarks (the eyes), with a
-    Gaussian edge of `feather` pixels."""
-    yy, xx = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
-                            indexing="ij")
-    mask = torch.zeros(height, width)
-    for face in faces:
-        x1, y1, x2, y2 = face.box
-        pts = np.asarray(face.landmarks, dtype=np.float32).reshape(-1, 2)
-        cx, cy = (pts.mean(axis=0) if len(pts) else ((x1 + x2) / 2, (y1 + y2) / 2))
-        cx, cy = 0.5 * (cx + (x1 + x2) / 2), 0.5 * (cy + (y1 + y2) / 2)
-        angle = 0.0
-        if len(pts) >= 2:
-            left, right = pts[pts[:, 0].argmin()], pts[pts[:, 0].argmax()]
-            angle = math.atan2(float(right[1] - left[1]), float(right[0] - left[0]))
-        a, b = grow * (x2 - x1) / 2, grow * 1.1 * (y2 - y1) / 2
-        c, s = math.cos(angle), math.sin(angle)
-        u, v = (xx - cx) * c + (yy - cy) * s, -(xx - cx) * s + (yy - cy) * c
-        inside = (u / a) ** 2 + (v / b) ** 2 <= 1
-        mask = torch.maximum(mask, inside.float())
-    if feather > 0 and bool(mask.any()):
-        r = int(math.ceil(3 * feather))
-        k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * feather * feather))
-        k = (k / k.sum()).view(1, 1, 1, -1)
-        m = F.pad(mask[None, None], (r, r, r, r), mode="replicate")
-        m = F.conv2d(F.conv2d(m, k), k.transpose(-1, -2))
-        mask = m[0, 0].clamp(0, 1)
-    return mask
-
-
-SAME_PERSON = {"dlib": 0.91, "insightface": 0.40}
-"""Cosine above which a backend's two faces are likely one person: dlib's own Euclidean threshold 0.6 on its
-unnormalised descriptors (norm ~1.45) is cos ~0.91 (its range is narrow: a different real person scored 0.88);
-ArcFace (insightface) separates people far more widely, and 0.4 is its usual threshold."""
-
-
-def same_person_threshold(backend: str) -> float:
-    return SAME_PERSON["insightface" if backend.startswith("insightface") else "dlib"]
-
-
-def verdict(ips: float, threshold: float) -> str:
-    return f"IPS {ips:.3f} ({'same person' if ips >= threshold else 'looks like another person'})"
-
-
-def ips_report(source: IdEmbed, edited: IdEmbed) -> tuple[list[float], str]:
-    """IPS per batch item (mean over the source faces; a lost face counts 0) and a readable report."""
-    if source.empty:
-        raise XMGIEInputError("The source ID_EMBED has no faces, so there is no identity to score. Run the ID "
-                              "Embedder on an image with a face (or check its pass-through output).")
-    n = max(len(source.faces), len(edited.faces))
-    values, lines = [], []
-    for b in range(n):
-        src = source.faces[min(b, len(source.faces) - 1)]
-        out = edited.faces[min(b, len(edited.faces) - 1)]
-        scores = match_faces(src, out)
-        value = float(np.mean([s.ips for s in scores])) if scores else 0.0
-        values.append(value)
-        threshold = same_person_threshold(edited.backend)
-        parts = [f"face {s.source}: " + (verdict(s.ips, threshold) if s.edited is not None else "not found in the edit")
-                 for s in scores]
-        lines.append(f"image {b}: IPS {value:.3f} ({'; '.join(parts)}) [{edited.backend}, same person above "
-                     f"{threshold:.2f}]")
-    return values, "\n".join(lines)
-
-
-def embed_images(backend, image: torch.Tensor, face_index: int = -1, pass_through: bool = False) -> IdEmbed:
-    """Faces of every image of the batch with `backend.faces(rgb)`, largest first, all or the index-th.
-    An image without a face is an error unless `pass_through` (then its list is empty: nothing to protect)."""
+def embed_images(backend: Backend, image: torch.Tensor, face_index: int = -1, pass_through: bool = False,
+                 regions: tuple[Box, ...] = ()) -> IdEmbed:
+    """Faces of every image of the batch (find_faces), largest first, all or the index-th. An image without a
+    face is an error unless `pass_through` (then its list is empty: nothing to protect)."""
     faces, notes = [], []
     for b, rgb in enumerate(to_rgb8(image)):
-        found = backend.faces(rgb)
+        found = find_faces(backend, rgb, regions)
         if not found:
             if not pass_through:
                 raise XMGIEInputError(

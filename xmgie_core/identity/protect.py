@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import XMGIEInputError
-from .faces import IdEmbed, face_mask
+from .faces import IdEmbed
+from .masks import face_mask
 
 TARGETS_FACE = 0.5
 """An edit region covering at least this fraction of a face edits that face: it is not protected."""
