@@ -49,6 +49,10 @@ def one_edit(text: str) -> str:
     m = SECOND_EDIT.search(first)
     if m:
         raise _extra(first[:m.start()], first[m.start("verb"):])
+    m = re.search(r"\s(?P<word>and|or|but|with|of|to|the|a|an|than|instead|into|then)$", first, re.I)
+    if m:
+        raise XMGIEInputError(f"The instruction {first!r} stops after {m['word']!r}: the words that should follow "
+                              "are missing. Finish the sentence, e.g. 'make the car old and rusty'.")
     return first
 
 

@@ -168,8 +168,10 @@ def _is_attribute(phrase: str, loose: bool = False) -> bool:
     """A colour, material, adjective or state from the word lists, with a shade or intensifier before it ('light
     blue', 'more colourful'); `loose` also takes an unlisted single word that ends like an English adjective."""
     words = bare(phrase).lower().split()
-    if not words or words == ["black", "and", "white"]:
-        return bool(words)
+    if len(words) == 3 and words[1] == "and":  # 'black and white', 'old and rusty'
+        return _is_attribute(words[0], loose) and _is_attribute(words[2], loose)
+    if not words:
+        return False
     *before, core = words
     if any(w not in SHADES and w not in INTENSIFIERS for w in before) or len(before) > 1:
         return False
