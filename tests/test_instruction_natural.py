@@ -121,6 +121,8 @@ def test_what_the_instruction_takes_away(instruction, removed):
     ("make the car look old and", "stops after 'and'", "make the car old and rusty"),
     ("the weather is nice today", "matched 'the weather is nice today'", "make it winter"),
     ("take a picture of the cat", "matched", "remove the fork"),
+    ("make the picture look like it is from the 1920s", "the part 'it is from the 1920s'", "in the style of Van Gogh"),
+    ("Have the kids play in the snow", "matched", "make it winter"),
 ])
 def test_an_unreadable_instruction_names_the_part_and_the_closest_form(instruction, part, form):
     with pytest.raises(XMGIEInputError) as caught:

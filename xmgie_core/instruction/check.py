@@ -34,7 +34,7 @@ STATE_ENDINGS = {state for state in VERB_STATES.values() if state.split()[-1] in
 INSTRUCTION_ONLY = {"should", "would", "could", "must", "please", "instead", "rather", "want", "wish", "shall",
                     "ought", "if", "what", "let", "kindly"}
 RULES_ONLY = PRONOUNS | {"look", "looks", "appear", "appears", "seem", "seems", "make", "add", "remove", "replace",
-                         "change", "turn", "be", "is", "are", "was", "were", "been", "into", "not", "than", "no"}
+                         "change", "turn", "be", "is", "are", "was", "were", "been", "not", "than"}
 TEMPLATE = {"a", "an", "the", "photo", "of", "with", "scene", "in", "at", "on", "empty", "background", "painting",
             "style", "wearing", "holding", "carrying", "riding", "eating", "drinking", "reading", "playing", "using",
             "man", "woman", "people", "person", "full", "switched", "by"}
@@ -81,7 +81,7 @@ def _description_problem(text: str, rules: bool, allowed: set[str]) -> tuple[str
             return f"has '{a} {b}'", (b,)
     if words and words[-1] in DANGLING and not any(" ".join(words).endswith(" " + state) for state in STATE_ENDINGS):
         return f"ends with '{words[-1]}'", (words[-1],)
-    bad = [w for w in words if w in INSTRUCTION_ONLY or (rules and w in RULES_ONLY and w not in allowed)]
+    bad = [w for w in words if w in INSTRUCTION_ONLY or (rules and w in RULES_ONLY)]
     if bad:
         return f"holds {', '.join(repr(w) for w in bad)}, which do not belong in a picture description", tuple(bad)
     if rules:

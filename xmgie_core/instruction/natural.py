@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 
 from ..errors import XMGIEInputError
-from .words import (ATTRIBUTES, EDIT_VERBS, HOLDING_VERBS, PRONOUN_OBJECTS, PRONOUN_POSSESSIVES, REMOVAL_STATES,
-                    WORDS, alternation, plural)
+from .words import (ATTRIBUTES, EDIT_VERBS, HOLDING_VERBS, POSE_VERBS, PRONOUN_OBJECTS, PRONOUN_POSSESSIVES,
+                    REMOVAL_STATES, WORDS, alternation, plural, verb_of)
 
 DET = r"(?:a|an|the|some|this|that|these|those|his|her|its|their|my|your|our)"
 SUBJECT = rf"(?:{DET}|all|every|each|both|it|this|everything|[A-Z]\w*)\b"
@@ -20,7 +20,8 @@ MODAL = (r"(?:should|must|needs?\s+to|has\s+to|have\s+to|ought\s+to|could|would|
          r"is\s+going\s+to|are\s+going\s+to|is\s+supposed\s+to|are\s+supposed\s+to|had\s+better)")
 FOLLOW = (r"(?:a|an|the|some|it|this|that|these|those|his|her|its|their|my|your|him|them|all|every|more|up|off|on|"
           r"out|away|rid|everything|any|previous|above|prior)")
-SECOND_EDIT = re.compile(rf"(?:\s*[,:]\s*(?:and\s+|then\s+|also\s+|now\s+)*|\s+(?:and|then|also|plus|afterwards|after\s+"
+SECOND_EDIT = re.compile(rf"(?:\s*[,:]\s*(?:and\s+|then\s+|also\s+|now\s+)*|\s+(?:and|then|also|plus|afterwards|"
+                         rf"after\s+"
                          rf"that)\s+(?:then\s+|also\s+)*)(?P<verb>(?:{alternation(EDIT_VERBS)}))\s+{FOLLOW}\b", re.I)
 ABBREVIATIONS = re.compile(r"\b(?:mr|mrs|ms|dr|st|jr|sr|vs|etc|e\.g|i\.e|mt|prof)\.$", re.I)
 COURTESY = set(WORDS["courtesy"])
@@ -90,9 +91,17 @@ def _contractions(s: str) -> str:
 
 
 def _unwrap(s: str) -> str:
-    """Without polite wrappers: 'could you please add a moon? thanks' -> 'add a moon'."""
+    """Without polite wrappers: 'could you please add a moon? thanks' -> 'add a moon'; 'how about adding a dog' ->
+    'add a dog'; 'can the car be blue?' -> 'the car should be blue'."""
     while True:
         new = SUFFIXES.sub("", PREFIXES.sub("", s.strip().rstrip(" .!?;,"))).strip().rstrip(" .!?;,")
+        m = re.match(r"^(?:how|what)\s+about|^(?:try|consider|start)\s+(?=\w+ing\b)", new, re.I)
+        gerund = re.match(r"^(?P<v>\w+ing)\b(?P<rest>.*)$", new[m.end():].strip(), re.I) if m else None
+        verb = next((v for v in verb_of(gerund["v"]) if v in EDIT_VERBS), None) if gerund else None
+        if verb:
+            new = verb + gerund["rest"]
+        new = re.sub(rf"^(?:can|could|would|will|may|might)\s+(?P<x>{SUBJECT}.*?)\s+be\s+", r"\g<x> should be ", new,
+                     flags=re.I)
         if new == s or not new:
             return new or s
         s = new
@@ -151,6 +160,13 @@ def _be(x: str, p: str) -> str:
     p = p.strip()
     if re.fullmatch(rf"(?:{REMOVAL})(?:\s+from\s+.+)?", p, re.I):
         return f"remove {x}"
+    m = re.match(r"^(?:turned|switched)\s+(?P<p>on|off)$", p, re.I)
+    if m:
+        return f"make {x} {m['p']}"
+    pose = next((v for v in verb_of(p.split()[0]) if v in POSE_VERBS), None) if p.lower().endswith("ing") or \
+        re.match(r"^\w+ing\b", p, re.I) else None
+    if pose:
+        return f"make {x} {pose}"
     m = re.match(r"^replaced\s+(?:with|by)\s+(?P<y>.+)$", p, re.I)
     if m:
         return f"replace {x} with {m['y']}"
@@ -168,7 +184,8 @@ def _be(x: str, p: str) -> str:
 
 
 def _there(s: str) -> str | None:
-    """'there should be a kite in the sky' -> 'add a kite in the sky'; 'there should be no cars' -> 'remove the cars'."""
+    """'there should be a kite in the sky' -> 'add a kite in the sky'; 'there should be no cars' -> 'remove the
+    cars'."""
     m = re.match(rf"^(?:let\s+there\s+be|there\s+(?:{MODAL})\s+(?P<neg>not\s+)?(?:be|have\s+been)|there\s+"
                  r"(?:is|are|was|were)(?P<neg2>\s+not)?|(?:what\s+if|imagine(?:\s+if|\s+that)?|suppose)\s+there\s+"
                  r"(?:was|were|is|are|had\s+been))\s+(?P<x>.+)$", s, re.I)

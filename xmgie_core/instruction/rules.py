@@ -17,8 +17,8 @@ from ..errors import XMGIEInputError
 from .check import PlanCheckError, check_plan
 from .natural import natural_to_imperative, one_edit
 from .plan import EditPlan, clean_instruction
-from .words import (ADJECTIVES, ARTWORKS, ATTRIBUTES, COLOURS, EDIT_VERBS, HOLDING_VERBS, MATERIALS, MOODS,  # noqa: F401
-                    POSE_VERBS, SHADES, STATE_VERBS, TIMES, VERB_STATES, WEATHER_VERBS, WORDS, alternation, is_plural)
+from .words import (ARTWORKS, ATTRIBUTES, COLOURS, EDIT_VERBS, HOLDING_VERBS, MATERIALS, MOODS, POSE_VERBS, SHADES,
+                    STATE_VERBS, TIMES, VERB_STATES, WEATHER_VERBS, WORDS, alternation, is_plural)
 
 DETERMINERS = r"(?:a|an|the|some|this|that|these|those|his|her|its|their|my|your|our)"
 SCENE = (r"(?:\s+(?:in|of|from|on|out\s+of)\s+(?:the|this)\s+(?:image|picture|photo|photograph|scene|painting|frame|"
@@ -34,7 +34,7 @@ ADJECTIVE_ENDING = re.compile(r"(?:y|ful|ous|ish|ic|al|ive|ed|en|er|est|less|abl
 
 
 def bare(phrase: str) -> str:
-    """Without a leading determiner, a trailing 'in the image', or quotes around the whole: 'the red car' -> 'red car'."""
+    """Without a leading determiner or a trailing 'in the image': 'the red car' -> 'red car'."""
     phrase = re.sub(SCENE, "", phrase.strip(), flags=re.I)
     return re.sub(rf"^{DETERMINERS}\s+", "", phrase, flags=re.I).strip()
 
@@ -76,6 +76,13 @@ def _is_global(style: str) -> bool:
         s in TIMES or s in MOODS or s in WEATHER_VERBS or s.endswith(ARTWORKS) or "style of" in s or
         bool(re.search(r"\b(?:painted|drawn|made|done)\s+by\s+\S", s)) or
         (len(words) == 2 and words[1] in DAY_PARTS and (words[0] in MOODS or words[0] in ATTRIBUTES)))
+
+
+def _is_look(style: str) -> bool:
+    """'sepia toned', 'blurry', 'more colourful': adjectives only (the whole picture given a look)."""
+    words = style.lower().split()
+    return 0 < len(words) <= 3 and all(_is_attribute(w, loose=True) or w in MOODS or w in INTENSIFIERS or w == "and"
+                                       for w in words)
 
 
 def _global(instruction: str, style: str) -> EditPlan:
@@ -243,7 +250,8 @@ def _pose(verb: str) -> None:
 
 
 def _from_to(instruction: str, x: str, a: str, b: str) -> EditPlan:
-    """'change the car from red to blue' -> the red car made blue; 'change the animal from a dog to a cat' -> replace."""
+    """'change the car from red to blue' -> the red car made blue; 'change the animal from a dog to a cat' ->
+    replace."""
     if _is_attribute(b):
         return _attribute(instruction, f"{a} {bare(x)}", b)
     return _replace(instruction, a, b)
@@ -255,8 +263,9 @@ REMOVE = (r"(?:remove|delete|erase|take\s+away|take\s+out|take\s+off|get\s+rid\s
           r"cut\s+out|wipe\s+out|wipe\s+away|wipe\s+off|wipe|rub\s+out|pull\s+out|without|no\s+more|no)")
 RULES = [
     # global edits
-    (rf"^{VERB}\s+(?:{WHOLE})\s+(?:look\s+like\s+|into\s+|to\s+|like\s+|in\s+|at\s+|during\s+|as\s+)?(?P<style>.+)$",
-     lambda i, m: _global(i, m["style"]) if _is_global(m["style"]) else None),
+    (rf"^{VERB}\s+(?P<whole>{WHOLE})\s+(?:look\s+like\s+|into\s+|to\s+|like\s+|in\s+|at\s+|during\s+|as\s+|look\s+|"
+     r"appear\s+|seem\s+)?(?P<style>.+)$", lambda i, m: _global(i, m["style"]) if _is_global(m["style"]) or (
+         not re.fullmatch(r"it|this|everything", m["whole"], flags=re.I) and _is_look(m["style"])) else None),
     (r"^(?:(?:re)?draw|paint|render|redo|make|do)?\s*(?:it|this|everything)?\s*(?P<style>(?:in\s+)?the\s+style\s+of"
      r"\s+.+)$", lambda i, m: _global(i, m["style"])),
     (rf"^{VERB}\s+the\s+(?:{GLOBAL_NOUNS})\s+(?:from\s+.+?\s+)?(?:to\s+|into\s+|as\s+|in\s+)?(?P<style>.+)$",
@@ -284,13 +293,14 @@ RULES = [
     (r"^(?:put|place|use)\s+(?P<y>.+?)\s+(?:in\s+place\s+of|where)\s+(?P<x>.+?)(?:\s+is|\s+was|\s+are)?$",
      lambda i, m: _replace(i, m["x"], m["y"])),
     # states: on / off, open / close
-    (r"^(?:switch|turn|flip|power|shut|click)\s+(?P<p>on|off)\s+(?P<x>.+)$", lambda i, m: _attribute(i, m["x"], m["p"])),
+    (r"^(?:switch|turn|flip|power|shut|click)\s+(?P<p>on|off)\s+(?P<x>.+)$",
+     lambda i, m: _attribute(i, m["x"], m["p"])),
     (r"^(?:switch|turn|flip|power|shut)\s+(?P<x>.+?)\s+(?P<p>on|off)$", lambda i, m: _attribute(i, m["x"], m["p"])),
     (rf"^(?P<v>{alternation(STATE_VERBS)})\s+(?:up\s+)?(?P<x>(?!.*\s(?:with|into|to)\s).+)$",
      lambda i, m: _attribute(i, m["x"], STATE_VERBS[" ".join(m["v"].lower().split())])),
     # colours, materials, adjectives
     (r"^(?:change|turn|make|set|switch)\s+the\s+colou?r\s+of\s+(?P<x>.+?)\s+(?:from\s+(?P<a>.+?)\s+)?(?:to|into)\s+"
-     r"(?P<b>.+)$", lambda i, m: _from_to(i, m["x"], m["a"] or "", m["b"]) if m["a"] else _attribute(i, m["x"], m["b"])),
+     r"(?P<b>.+)$", lambda i, m: _from_to(i, m["x"], m["a"], m["b"]) if m["a"] else _attribute(i, m["x"], m["b"])),
     (r"^(?:change|turn|make|set|switch)\s+(?P<x>.+?)(?:'s)?\s+colou?r\s+(?:to|into)\s+(?P<a>.+)$",
      lambda i, m: _attribute(i, m["x"], m["a"]) if _is_attribute(m["a"]) else None),
     (r"^(?:change|turn|make|switch|paint|transform|convert|colou?r|dye)\s+(?P<x>.+?)\s+from\s+(?P<a>.+?)\s+(?:to|into)"
@@ -304,7 +314,8 @@ RULES = [
     (r"^(?:make|let|get|keep|render)\s+(?P<rest>.+)$", lambda i, m: _make_attribute(i, m["rest"], loose=True)),
     (r"^turn\s+(?P<rest>.+)$", lambda i, m: _make_attribute(i, m["rest"], loose=False)),
     # causatives: let / have / get / make X hold / wear / smile; pose changes refused
-    (rf"^(?:let|have|get|make)\s+(?P<x>.+?)\s+(?:to\s+)?(?P<v>{HOLD})\s+(?P<y>.+)$",
+    (rf"^(?:let|have|get|make)\s+(?P<x>.+?)\s+(?:to\s+)?(?P<v>{HOLD})\s+"
+     r"(?P<y>(?!(?:in|on|at|with|to|into|around|near|by|out|up|down|over|away|off)\b).+)$",
      lambda i, m: _wearing(i, m["x"], m["y"], HOLDING_VERBS[" ".join(m["v"].lower().split())])),
     (rf"^(?:let|have|get|make)\s+(?P<x>.+?)\s+(?:to\s+)?(?P<v>{alternation(VERB_STATES)})$",
      lambda i, m: _attribute(i, m["x"], m["v"])),
@@ -312,12 +323,14 @@ RULES = [
      lambda i, m: _pose(m["v"])),
     (r"^(?:make|turn)\s+(?P<x>.+?)\s+(?P<y>(?:a|an|one)\s+.+)$", lambda i, m: _replace(i, m["x"], m["y"])),
     # give, wear, add
-    (r"^give\s+(?P<x>.+?)\s+(?P<y>(?:a|an|some|two|three|\d+)\s+.+)$", lambda i, m: _wearing(i, m["x"], m["y"], "with")),
+    (r"^give\s+(?P<x>.+?)\s+(?P<y>(?:a|an|some|two|three|\d+)\s+.+)$",
+     lambda i, m: _wearing(i, m["x"], m["y"], "with")),
     (r"^give\s+(?P<rest>.+)$", lambda i, m: _give(i, m["rest"])),
     (r"^(?:wear|dress|clothe)\s+(?P<x>.+?)\s+(?:up\s+)?(?:in|with)\s+(?P<y>.+)$",
      lambda i, m: _wearing(i, m["x"], m["y"], "wearing")),
-    (rf"^(?:add|put|place|insert|draw|paint|include|attach|overlay|stick|create|generate|show|see|have|hang|plant|build|"
-     rf"write|sprinkle|make(?=\s+(?:a|an|some)\s))\s+(?P<x>.+?)(?:\s+(?P<p>{ADD_PREPS})\s+(?P<y>.+))?$",
+    (rf"^(?:add|put|place|insert|draw|paint|include|attach|overlay|stick|create|generate|hang|plant|build|write|"
+     r"sprinkle|(?:make|have|see|show|get)(?=\s+(?:a|an|some|more|two|three|\d+)\s))\s+(?P<x>.+?)"
+     rf"(?:\s+(?P<p>{ADD_PREPS})\s+(?P<y>.+))?$",
      lambda i, m: _add(i, m["x"], m["p"], m["y"])),
     (rf"^(?P<x>(?:a|an|some)\s+.+?)\s+(?P<p>{ADD_PREPS})\s+(?P<y>.+)$", lambda i, m: _add(i, m["x"], m["p"], m["y"])),
 ]
@@ -363,8 +376,8 @@ def rules_plan(instruction: str) -> EditPlan:
                     check_plan(plan, rules=True)
                     return plan
     except PoseChange as e:
-        raise XMGIEInputError(f"Could not read the instruction {text!r}: {e}. The closest form the rules backend reads: "
-                              "'make the man smile'; or use the local model backend.") from None
+        raise XMGIEInputError(f"Could not read the instruction {text!r}: {e}. The closest form the rules backend "
+                              "reads: 'make the man smile'; or use the local model backend.") from None
     except PlanCheckError as e:
         raise XMGIEInputError(
             f"Could not read the instruction {text!r}: the part {_unread_part(text, e.words)!r} was not understood "

@@ -31,7 +31,7 @@ ATTRIBUTES = COLOURS | MATERIALS | ADJECTIVES
 
 
 def alternation(words) -> str:
-    """A regex alternation of the phrases, longest first, spaces matching any whitespace: ('a bit', 'a') -> 'a\\s+bit|a'."""
+    """A regex alternation of the phrases, longest first, spaces matching any whitespace."""
     return "|".join(r"\s+".join(map(re.escape, w.split())) for w in sorted(words, key=len, reverse=True))
 
 
@@ -50,3 +50,15 @@ def plural(noun: str) -> str:
 def is_plural(noun: str) -> bool:
     low = noun.lower()
     return low in IRREGULAR_PLURALS.values() or bool(re.search(r"(?<!s)s$|(?:ies|es)$", low))
+
+
+def verb_of(gerund: str) -> list[str]:
+    """The verbs an -ing form may come from: 'sitting' -> ['sitt', 'sit', 'sitte'], 'waving' -> [..., 'wave'],
+    'lying' -> [..., 'lie'] (the caller keeps the one its list knows)."""
+    stem = re.sub(r"ing$", "", gerund.lower())
+    candidates = [stem, stem + "e"]
+    if len(stem) > 2 and stem[-1] == stem[-2]:
+        candidates.append(stem[:-1])
+    if stem.endswith("y"):
+        candidates.append(stem[:-1] + "ie")
+    return candidates
