@@ -93,6 +93,23 @@ def test_garbage_falls_back_to_rules_with_a_visible_note(garbage_model, caplog):
         local_plan(image(), "the weather is nice", garbage_model, GenerationSettings(max_new_tokens=8))
 
 
+def test_a_plan_that_fails_the_plan_check_falls_back_to_rules(tmp_path):
+    """Well-formed JSON whose target still shows what the instruction removes, and whose edit word is only a
+    substring of the target ('car' in 'carpet'), never reaches a prompt."""
+    for change in ({"target_description": "a photo of a room with a carpet", "edit_words": ["car"],
+                    "background_words": []},
+                   {"target_description": "a photo of an astronaut with a scarf", "edit_words": ["astronaut"],
+                    "background_words": [], "edit_type": "remove"}):
+        local._RESULTS.clear()
+        folder = save_tiny_vlm(tmp_path / str(len(change)))
+        json_emitting(folder, json.dumps({**PLAN, **change}))
+        instruction = "remove the scarf from the astronaut" if "edit_type" in change else INSTRUCTION
+        plan = local_plan(image(), instruction, folder, GenerationSettings())
+        assert plan.backend == f"rules (fallback from local:{folder.name})"
+        assert "could not be used" in plan.note and ("CLIP tokens" in plan.note or "'scarf'" in plan.note)
+        assert plan.target_description == rules_plan(instruction).target_description
+
+
 def test_results_are_cached_by_image_instruction_and_settings(planning_model, monkeypatch):
     calls = []
     real = LocalVLM.generate

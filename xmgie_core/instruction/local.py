@@ -1,6 +1,7 @@
 """The local model backend: a transformers image-text-to-text model (Qwen2.5-VL, LLaVA-family, ...) from a local
 folder captions the source image (t_o, [Regions]) and then, from (t_o, instruction), writes the plan as strict
-JSON. Malformed answers fall back to the rules backend with a visible warning.
+JSON. Malformed answers, and plans that fail the plan check (check.py), fall back to the rules backend with a
+visible warning.
 
 Loading never downloads and never runs code from the folder: local_files_only, trust_remote_code=False,
 safetensors only.
@@ -22,6 +23,7 @@ from .. import weight_files
 from ..errors import XMGIEInputError
 from ..image_io import to_rgb8
 from ..paths import real_path
+from .check import check_plan
 from .plan import EditPlan, clean_instruction
 from .rules import rules_plan
 
@@ -135,6 +137,7 @@ def local_plan(image: torch.Tensor, instruction: str, folder: Path, settings: Ge
     backend = f"local:{folder.name}"
     try:
         plan = EditPlan.from_model_output(answer, text, backend)
+        check_plan(plan, rules=False)
     except ValueError as e:
         note = (f"The model's answer could not be used ({e}); the rules backend's plan is given instead. "
                 f"Answer: {answer[:200]!r}")

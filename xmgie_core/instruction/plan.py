@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 
 from ..errors import XMGIEInputError
@@ -78,8 +79,18 @@ class EditPlan:
                    tuple(w.strip() for w in data["background_words"]), data["edit_type"].strip(), backend)
 
 
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+"""Control characters other than tab / newline / carriage return, and bidirectional overrides: never prompt text."""
+
+
 def clean_instruction(text: str, max_chars: int = 500) -> str:
-    """One line, single spaces; an empty or overlong instruction is a user error."""
+    """One line, single spaces; an empty or overlong instruction, or one holding a control character, is a user
+    error."""
+    control = CONTROL.search(text)
+    if control:
+        raise XMGIEInputError(f"The instruction holds the control character U+{ord(control[0]):04X} at character "
+                              f"{control.start()}; control characters would go into the prompts. Type the instruction "
+                              "as plain text, e.g. 'give the man a red scarf'.")
     cleaned = " ".join(text.split())
     if not cleaned:
         raise XMGIEInputError("The instruction is empty: write what to change, e.g. 'give the man a red scarf'.")
