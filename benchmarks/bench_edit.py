@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from _measure import in_memory_phase, memory_phase, peak_mb, time_calls  # noqa: E402
-from xmgie_core.hosts import diffusers_edit as de  # noqa: E402
+from xmgie_core.apps import edit as de  # noqa: E402
 from xmgie_core.identity.backends import Dlib  # noqa: E402
 
 ASSETS = ROOT / "workflows" / "assets"

@@ -34,7 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from _measure import time_calls  # noqa: E402
 from bench_pfb import sd15_layout_unet  # noqa: E402
 from fixtures.portraits import PERTURBATIONS, PHOTOS, in_large_photo  # noqa: E402
-from xmgie_core.hosts.diffusers_pfb import pfb_edit  # noqa: E402
+from xmgie_core.hosts.diffusers.pfb import pfb_edit  # noqa: E402
 from xmgie_core.identity.backends import Dlib, InsightFace  # noqa: E402
 from xmgie_core.identity.faces import cosine, embed_images, find_faces  # noqa: E402
 from xmgie_core.identity.scoring import match_faces, same_person_threshold, score_images  # noqa: E402

@@ -1,6 +1,6 @@
 """PFB speed and memory as ratios against plain masked sampling run in this process.
 
-Baseline: the same diffusers edit loop (xmgie_core.hosts.diffusers_pfb.pfb_edit) with feature blending switched
+Baseline: the same diffusers edit loop (xmgie_core.hosts.diffusers.pfb.pfb_edit) with feature blending switched
 off and the latent outside the mask kept on the noised source for every step, i.e. inpainting with a noise mask:
 same U-Net, steps, cfg and scheduler. Candidates: PFB with the `noised` and `inverted` source branch, without a
 cache (a fresh private cache each run: the inversion's passes still serve that run) and on a cache hit (the
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
 from _measure import in_memory_phase, memory_phase, peak_mb, time_calls  # noqa: E402
-from xmgie_core.hosts.diffusers_pfb import pfb_edit  # noqa: E402
+from xmgie_core.hosts.diffusers.pfb import pfb_edit  # noqa: E402
 from xmgie_core.pfb import PFBSettings, SourceCache  # noqa: E402
 
 

@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from _measure import in_memory_phase, memory_phase, peak_mb, time_calls  # noqa: E402
 from fixtures import tiny_models  # noqa: E402
 from fixtures.tiny_clipseg import save_tiny_clipseg  # noqa: E402
-from xmgie_core.hosts.diffusers_region import diffusers_edit_attention, diffusers_noise_difference  # noqa: E402
+from xmgie_core.hosts.diffusers.region import diffusers_edit_attention, diffusers_noise_difference  # noqa: E402
 from xmgie_core.region.clipseg import clipseg_probabilities  # noqa: E402
 from xmgie_core.region.encoders import CLIPImageEncoder, T5InstructionEncoder  # noqa: E402
 from xmgie_core.region.learned import predict_learned  # noqa: E402

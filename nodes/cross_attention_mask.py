@@ -9,7 +9,7 @@ import torch
 from ..xmgie_core import cam
 from ..xmgie_core.masks import RegionPyramid, is_empty
 from ..xmgie_core.errors import XMGIEInputError
-from ..xmgie_core.hosts.comfy_cam import (CAMSpec, CrossAttentionMaskPatch, PromptEncoding, install,
+from ..xmgie_core.hosts.comfy.cam import (CAMSpec, CrossAttentionMaskPatch, PromptEncoding, install,
                                           running_workflows, workflow_texts)
 from ..xmgie_core.tokens import comfy_token_positions
 from ..xmgie_core.validation import check_percent_window, check_range

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..xmgie_core.errors import XMGIEInputError
-from ..xmgie_core.hosts.comfy_pfb import LOG, pfb_guider_class, warn_empty_mask
+from ..xmgie_core.hosts.comfy.pfb import LOG, pfb_guider_class, warn_empty_mask
 from ..xmgie_core.identity.faces import IdEmbed
 from ..xmgie_core.identity.protect import protected_mask, rank_by_ips
 from ..xmgie_core.identity.scoring import score_images

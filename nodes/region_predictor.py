@@ -201,7 +201,7 @@ class XMGIERegionPredictor:
             if clip_vision is None:
                 raise XMGIEInputError("The learned mode needs CLIP vision: connect a Load CLIP Vision node with the "
                                       "CLIP ViT-L/14 the predictor was trained with (models/clip_vision).")
-            from ..xmgie_core.hosts.comfy_clip_vision import ComfyCLIPImageEncoder
+            from ..xmgie_core.hosts.comfy.clip_vision import ComfyCLIPImageEncoder
 
             net, t5 = learned_models(predictor, t5_folder, keep_loaded)
             try:
@@ -224,7 +224,7 @@ class XMGIERegionPredictor:
             if missing:
                 raise XMGIEInputError(f"The {mode} mode runs the checkpoint's U-Net: connect {', '.join(missing)} "
                                       "(from Load Checkpoint).")
-            from ..xmgie_core.hosts.comfy_region import comfy_edit_attention, comfy_noise_difference
+            from ..xmgie_core.hosts.comfy.region import comfy_edit_attention, comfy_noise_difference
 
             latent = working_latent(vae, image)
             if mode == "noise-difference":

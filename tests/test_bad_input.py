@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from test_nodes import FakeClip, _FakeModelPatcher
-from xmgie_core.cli import main as cli
+from xmgie_core.apps.cli import main as cli
 from xmgie_core.image_io import load_image
 
 ASSETS = Path(__file__).resolve().parent.parent / "workflows" / "assets"

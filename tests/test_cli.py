@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from xmgie_core.cli import main
+from xmgie_core.apps.cli import main
 
 ASSETS = Path(__file__).resolve().parent.parent / "workflows" / "assets"
 

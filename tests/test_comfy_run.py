@@ -1,4 +1,4 @@
-"""`python -m xmgie_core.comfy_run` without ComfyUI: the overrides on the bundled API workflows, image expansion,
+"""`python -m xmgie_core.apps.comfy_run` without ComfyUI: the overrides on the bundled API workflows, image expansion,
 the websocket message handling on recorded sequences, argument checks, and the whole client against a small fake
 ComfyUI (the routes of ComfyUI 0.3.64's server.py it uses, and a minimal websocket endpoint) served in-process on
 127.0.0.1, with Ctrl-C sent as a real SIGINT."""
@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from PIL import Image
 
-from xmgie_core import comfy_run as cr
+from xmgie_core.apps import comfy_run as cr
 
 API = Path(cr.API_DIR)
 ASSETS = Path(cr.ASSETS_DIR)

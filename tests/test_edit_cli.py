@@ -1,4 +1,4 @@
-"""The headless whole edit (`python -m xmgie_core edit`, xmgie_core.hosts.diffusers_edit) on tiny random-weight
+"""The headless whole edit (`python -m xmgie_core edit`, xmgie_core.apps.edit) on tiny random-weight
 models: the written photo is the source bit for bit outside the blend zone of the region (given or predicted),
 the edit arrives inside it, large photos go through the crop, the report says what ran (and that the models were
 tiny), a diffusers checkpoint folder loads, and a missing model says exactly what to provide."""
@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from xmgie_core import cli
-from xmgie_core.hosts import diffusers_edit as de
+from xmgie_core.apps import cli
+from xmgie_core.apps import edit as de
 
 ASSETS = Path(__file__).resolve().parent.parent / "workflows" / "assets"
 SOURCE = ASSETS / "xmgie_astronaut_source.png"

@@ -421,7 +421,7 @@ def test_protected_mask_takes_overlapped_faces_out_of_the_edit():
 def test_protection_strength_one_keeps_the_face_the_source_in_pfb(tiny_unet):
     """On the tiny diffusers pipeline (latent 16x16 for a 128x128 image): with the latent blended to the end, the
     latent cells of a protected face inside the edit region are the source exactly; unprotected, they change."""
-    from xmgie_core.hosts.diffusers_pfb import pfb_edit
+    from xmgie_core.hosts.diffusers.pfb import pfb_edit
     from xmgie_core.identity.protect import protected_mask
     from xmgie_core.pfb import PFBSettings
 

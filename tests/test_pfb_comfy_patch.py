@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from xmgie_core.errors import XMGIEInputError
-from xmgie_core.hosts.comfy_pfb import BlockPatch, comfy_layout, cond_content, source_conds, with_block_patch
+from xmgie_core.hosts.comfy.pfb import BlockPatch, comfy_layout, cond_content, source_conds, with_block_patch
 
 
 class Downsample(nn.Identity):

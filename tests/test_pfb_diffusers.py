@@ -1,4 +1,4 @@
-"""PFB end to end on the tiny diffusers U-Net (xmgie_core.hosts.diffusers_pfb): fusion points, the invariants of
+"""PFB end to end on the tiny diffusers U-Net (xmgie_core.hosts.diffusers.pfb): fusion points, the invariants of
 eq 5 / eq 23 through a whole edit, the inverted source branch's reconstruction, and the source cache."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from xmgie_core.errors import XMGIEInputError
-from xmgie_core.hosts.diffusers_pfb import diffusers_fusion_points, fusion_hooks, pfb_edit
+from xmgie_core.hosts.diffusers.pfb import diffusers_fusion_points, fusion_hooks, pfb_edit
 from xmgie_core.pfb import PFBSettings, SourceCache
 
 CROSS = 32

@@ -14,7 +14,7 @@ from diffusers import DDIMScheduler
 
 from fixtures.tiny_clipseg import save_tiny_clipseg
 from xmgie_core.errors import XMGIEInputError
-from xmgie_core.hosts.diffusers_region import (AttentionRecorder, diffusers_edit_attention,
+from xmgie_core.hosts.diffusers.region import (AttentionRecorder, diffusers_edit_attention,
                                                diffusers_noise_difference, recording_cross_attention)
 from xmgie_core.region import clipseg
 from xmgie_core.region.clipseg import clipseg_probabilities, load_clipseg, unload_clipseg

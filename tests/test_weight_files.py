@@ -77,7 +77,7 @@ def test_every_damaged_pickle_is_named_and_explained(tmp_path, damage):
 def _sd15_folder(root: Path) -> Path:
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from xmgie_core.hosts.diffusers_edit import tiny_sd15
+    from xmgie_core.apps.edit import tiny_sd15
 
     tiny = tiny_sd15(root / "tok")
     pipe = StableDiffusionImg2ImgPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
@@ -88,7 +88,7 @@ def _sd15_folder(root: Path) -> Path:
 
 
 def sd15_folder(root: Path):
-    from xmgie_core.hosts.diffusers_models import load_sd15_pipeline
+    from xmgie_core.hosts.diffusers.models import load_sd15_pipeline
 
     folder = _sd15_folder(root)
     return folder / "unet" / "diffusion_pytorch_model.safetensors", lambda: load_sd15_pipeline(folder, None, "cpu",
@@ -96,7 +96,7 @@ def sd15_folder(root: Path):
 
 
 def sd15_single_file(root: Path):
-    from xmgie_core.hosts.diffusers_models import load_sd15_pipeline
+    from xmgie_core.hosts.diffusers.models import load_sd15_pipeline
 
     folder = _sd15_folder(root)
     single = root / "sd15.safetensors"

@@ -1,4 +1,4 @@
-"""`python -m xmgie_core.comfy_run` against a real ComfyUI server (`main.py --cpu` on 127.0.0.1): a bundled edit
+"""`python -m xmgie_core.apps.comfy_run` against a real ComfyUI server (`main.py --cpu` on 127.0.0.1): a bundled edit
 workflow on two photos as a queue with the tiny checkpoint (each output has its input's size), a prompt ComfyUI
 would reject (found before anything is uploaded), a run that fails while executing (the failing node and
 traceback printed), files of the server's input folder kept, and Ctrl-C taking our prompt off the server."""
@@ -25,7 +25,7 @@ SOURCE = harness.ASSETS_DIR / "xmgie_astronaut_source.png"
 def run_cli(server: harness.ComfyServer, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     if "--workflow" not in args:
         args = ("--workflow", WORKFLOW, *args)
-    cmd = [sys.executable, "-m", "xmgie_core.comfy_run", "--url", server.url, *args]
+    cmd = [sys.executable, "-m", "xmgie_core.apps.comfy_run", "--url", server.url, *args]
     return subprocess.run(cmd, cwd=harness.REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -89,7 +89,7 @@ def test_an_execution_error_prints_the_node_and_traceback(comfy_server, tiny_che
 
 def test_no_comfyui_at_the_url_is_a_usage_error():
     url = f"http://127.0.0.1:{harness.free_port()}"
-    cmd = [sys.executable, "-m", "xmgie_core.comfy_run", "--url", url, "--workflow", WORKFLOW, "--image", str(SOURCE)]
+    cmd = [sys.executable, "-m", "xmgie_core.apps.comfy_run", "--url", url, "--workflow", WORKFLOW, "--image", str(SOURCE)]
     result = subprocess.run(cmd, cwd=harness.REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and f"no ComfyUI is answering at {url}" in result.stderr, result.stderr
 
@@ -116,7 +116,7 @@ def test_a_workflow_with_a_mask_loader_keeps_the_servers_files(comfy_server, tmp
 
 def start_cli(server: harness.ComfyServer, *args: str) -> tuple[subprocess.Popen, list[str]]:
     """The command as a subprocess; its stderr lines are collected as they come."""
-    cmd = [sys.executable, "-m", "xmgie_core.comfy_run", "--url", server.url, *args]
+    cmd = [sys.executable, "-m", "xmgie_core.apps.comfy_run", "--url", server.url, *args]
     proc = subprocess.Popen(cmd, cwd=harness.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()

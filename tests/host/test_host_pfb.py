@@ -172,7 +172,7 @@ def test_layers_map_onto_sd15_and_sdxl_unets(comfy_host):
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     pfb_host = sys.modules[comfy_host.nodes.NODE_CLASS_MAPPINGS["XMGIEPFBSampler"].__module__.replace(
-        "nodes.pfb", "xmgie_core.hosts.comfy_pfb")]
+        "nodes.pfb", "xmgie_core.hosts.comfy.pfb")]
     common = dict(in_channels=4, out_channels=4, model_channels=32, num_head_channels=8, context_dim=32,
                   use_spatial_transformer=True, use_linear_in_transformer=True, operations=comfy.ops.disable_weight_init)
     sd15 = UNetModel(image_size=32, num_res_blocks=2, channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],

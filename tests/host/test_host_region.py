@@ -43,7 +43,7 @@ def comfy_clip_vision(comfy_host, tmp_path_factory):
 
 
 def test_comfy_clip_vision_gives_the_same_patch_features_as_transformers(comfy_clip_vision):
-    from xmgie_core.hosts.comfy_clip_vision import ComfyCLIPImageEncoder
+    from xmgie_core.hosts.comfy.clip_vision import ComfyCLIPImageEncoder
     from xmgie_core.region.encoders import CLIPImageEncoder
 
     cv, reference = comfy_clip_vision

@@ -19,9 +19,9 @@ def sd15(comfy_host, tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def region(comfy_host):
-    from xmgie_core.hosts import comfy_region
+    from xmgie_core.hosts.comfy import region
 
-    return comfy_region
+    return region
 
 
 def latent(batch: int = 1, seed: int = 0, size: int = 8) -> torch.Tensor:

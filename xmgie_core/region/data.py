@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from ..device import resolve_device
 from ..errors import XMGIEInputError
-from ..hosts.diffusers_models import load_sd15_pipeline
+from ..hosts.diffusers.models import load_sd15_pipeline
 from ..image_io import FORMATS_HINT, load_image, save_image, to_rgb8
 from ..instruction.local import GenerationSettings, local_plan, unload
 from ..instruction.rules import COLOURS, rules_plan

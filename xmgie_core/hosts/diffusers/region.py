@@ -14,12 +14,12 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ..masks import infer_grid
-from ..errors import XMGIEInputError
-from ..region.zeroshot import (DEFAULT_STRENGTH_RANGE, AttentionMaps, attend_and_record, check_count, check_latent,
+from ...masks import infer_grid
+from ...errors import XMGIEInputError
+from ...region.zeroshot import (DEFAULT_STRENGTH_RANGE, AttentionMaps, attend_and_record, check_count, check_latent,
                                denoising_timesteps, euler_step, noise_difference_map, noise_difference_timesteps,
                                seeded_noise)
-from .diffusers_pfb import ScheduleSigmas
+from .pfb import ScheduleSigmas
 
 Progress = Callable[[int, int], None]
 

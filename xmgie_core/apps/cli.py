@@ -11,13 +11,13 @@ import tempfile
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from . import gb
-from .device import resolve_device
-from .errors import XMGIEInputError
-from .instruction.rules import rules_plan
-from .hosts.diffusers_edit import SETTING_HINTS, SETTING_RANGES, EditSettings
-from .image_io import check_out_dir, load_image, load_mask, save_image, unused_stem
-from .validation import check_range
+from .. import gb
+from ..device import resolve_device
+from ..errors import XMGIEInputError
+from ..instruction.rules import rules_plan
+from .edit import SETTING_HINTS, SETTING_RANGES, EditSettings
+from ..image_io import check_out_dir, load_image, load_mask, save_image, unused_stem
+from ..validation import check_range
 
 
 def run_gb(args: argparse.Namespace) -> list[Path]:
@@ -50,7 +50,7 @@ EDIT = EditSettings("")
 
 
 def run_edit(args: argparse.Namespace) -> list[Path]:
-    from .hosts import diffusers_edit as de
+    from . import edit as de
 
     if args.checkpoint is None and not args.tiny:
         raise XMGIEInputError(NO_MODEL)

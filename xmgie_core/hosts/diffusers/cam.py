@@ -8,10 +8,10 @@ from typing import Iterator
 
 import torch
 
-from ..attention import stock_attention
-from ..cam import TokenRestriction, masked_cross_attention
-from ..masks import RegionPyramid
-from ..errors import XMGIEInputError
+from ...attention import stock_attention
+from ...cam import TokenRestriction, masked_cross_attention
+from ...masks import RegionPyramid
+from ...errors import XMGIEInputError
 
 
 class _LatentSize:

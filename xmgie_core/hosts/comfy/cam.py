@@ -33,10 +33,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..attention import stock_attention
-from ..cam import MODES, TokenRestriction, masked_cross_attention, tiled_positions
-from ..masks import RegionPyramid
-from ..errors import XMGIEInputError
+from ...attention import stock_attention
+from ...cam import MODES, TokenRestriction, masked_cross_attention, tiled_positions
+from ...masks import RegionPyramid
+from ...errors import XMGIEInputError
 
 LEVELS = ("input", "middle", "output")
 

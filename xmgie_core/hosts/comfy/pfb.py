@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import XMGIEInputError
-from ..pfb import BlendPlan, FeatureBlender, PFBSettings, SourceBranch, UNetLayout, latent_blend
-from ..pfb import run as pfb_run
+from ...errors import XMGIEInputError
+from ...pfb import BlendPlan, FeatureBlender, PFBSettings, SourceBranch, UNetLayout, latent_blend
+from ...pfb import run as pfb_run
 
 LOG = logging.getLogger("xmgie")
 SAMPLER_SAMPLE = "sampler_sample"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import XMGIEInputError
-from ..weight_files import check_model_folder, check_safetensors, loading
+from ...errors import XMGIEInputError
+from ...weight_files import check_model_folder, check_safetensors, loading
 
 
 def load_sd15_pipeline(path: Path, config: Path | None, device: str, dtype: torch.dtype,

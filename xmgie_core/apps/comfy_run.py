@@ -1,4 +1,4 @@
-"""`python -m xmgie_core.comfy_run`: run an API-format workflow on a running ComfyUI over HTTP.
+"""`python -m xmgie_core.apps.comfy_run`: run an API-format workflow on a running ComfyUI over HTTP.
 
 The workflow is first checked against the server's node types (GET /object_info/{class}) so that a prompt
 ComfyUI would reject uploads nothing. Each input image is then uploaded (POST /upload/image) under a name made
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 API_DIR = REPO_ROOT / "workflows" / "api"
 ASSETS_DIR = REPO_ROOT / "workflows" / "assets"
 DEFAULT_URL = "http://127.0.0.1:8188"
@@ -694,7 +694,7 @@ def seconds(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m xmgie_core.comfy_run",
+        prog="python -m xmgie_core.apps.comfy_run",
         description="Run an API-format workflow (a bundled one such as xmgie_edit, or a file) on a running "
                     "ComfyUI, once per input image, and download the output images.")
     p.add_argument("--url", type=comfy_url, default=DEFAULT_URL,

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ..errors import XMGIEInputError
-from ..region.encoders import clip_normalize, patch_features, square_resize
+from ...errors import XMGIEInputError
+from ...region.encoders import clip_normalize, patch_features, square_resize
 
 
 class ComfyCLIPImageEncoder:

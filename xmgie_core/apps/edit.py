@@ -36,10 +36,10 @@ from ..region.preview import region_preview
 from ..region.zeroshot import working_pixels
 from ..tokens import hf_token_positions
 from ..validation import check_range, mask_for_image, rgb_image
-from .diffusers_cam import cross_attention_masking
-from .diffusers_models import load_sd15_pipeline
-from .diffusers_pfb import pfb_edit
-from .diffusers_region import diffusers_noise_difference
+from ..hosts.diffusers.cam import cross_attention_masking
+from ..hosts.diffusers.models import load_sd15_pipeline
+from ..hosts.diffusers.pfb import pfb_edit
+from ..hosts.diffusers.region import diffusers_noise_difference
 
 CONTEXT_TOKENS = 77
 """SD1.5's CLIP context (hf_token_positions counts in it too)."""

@@ -21,9 +21,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..errors import XMGIEInputError
-from ..pfb import FeatureBlender, FeatureRecorder, PFBSettings, SourceBranch, UNetLayout, latent_blend
-from ..pfb import run as pfb_run
+from ...errors import XMGIEInputError
+from ...pfb import FeatureBlender, FeatureRecorder, PFBSettings, SourceBranch, UNetLayout, latent_blend
+from ...pfb import run as pfb_run
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]
 

@@ -17,12 +17,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..cam import tiled_positions
-from ..errors import XMGIEInputError
-from ..region.zeroshot import (DEFAULT_STRENGTH_RANGE, AttentionMaps, attend_and_record, check_count, check_latent,
+from ...cam import tiled_positions
+from ...errors import XMGIEInputError
+from ...region.zeroshot import (DEFAULT_STRENGTH_RANGE, AttentionMaps, attend_and_record, check_count, check_latent,
                                denoising_timesteps, euler_step, noise_difference_map, noise_difference_timesteps,
                                seeded_noise)
-from ..tokens import comfy_token_positions
+from ...tokens import comfy_token_positions
 
 Progress = Callable[[int, int], None]
 Run = Callable[[Any, torch.Tensor, torch.Tensor, dict], torch.Tensor]
