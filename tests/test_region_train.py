@@ -18,9 +18,10 @@ from torch import nn
 from fixtures.region_task import SIZE, ToyCLIP, ToyText, save_tiny_clip, toy_instruction_encoder, write_task
 from fixtures.tiny_region import save_tiny_t5
 from xmgie_core.errors import XMGIEInputError
-from xmgie_core.region import data as region_data
+from xmgie_core.apps import region_data
 from xmgie_core.region import train as region_train
-from xmgie_core.region.data import RegionDataset, coloured_object, collate, read_records, rules_edit
+from xmgie_core.apps.region_data import coloured_object, rules_edit
+from xmgie_core.region.data import RegionDataset, collate, read_records
 from xmgie_core.region.losses import (LossWeights, clip_directional_loss, clip_global_loss, clip_loss,
                                       clip_structure_loss, composite, edited_features, self_similarity,
                                       sem_edited_loss, sem_original_loss, soft_region, total_loss)

@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m xmgie_core.region.train",
                                 description="Train the xMGIE region predictor ([Regions] eqs 1-11).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="records .jsonl with renders (region.data build)")
+    p.add_argument("--data", type=Path, required=True, help="records .jsonl with renders (apps.region_data build)")
     p.add_argument("--clip", type=Path, required=True, help="transformers CLIP folder (e.g. clip-vit-large-patch14)")
     p.add_argument("--t5", type=Path, required=True, help="transformers FLAN-T5 folder (e.g. flan-t5-base)")
     p.add_argument("--out", type=Path, required=True, help="run folder: log, checkpoint, region_predictor.safetensors")
