@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from xmgie_core.errors import XMGIEInputError
-from xmgie_core.hosts.comfy.pfb import BlockPatch, comfy_layout, cond_content, source_conds, with_block_patch
+from xmgie_core.hosts.comfy.pfb import cond_content, source_conds
+from xmgie_core.hosts.comfy.unet import BlockPatch, layout, with_block_patch
 
 
 class Downsample(nn.Identity):
@@ -27,16 +28,17 @@ class FakeUNet(nn.Module):
         super().__init__()
         self.input_blocks = nn.ModuleList([nn.Sequential(nn.Identity()), nn.Sequential(nn.Identity()),
                                            nn.Sequential(Downsample()), nn.Sequential(nn.Identity())])
+        self.middle_block = nn.Sequential(nn.Identity())
         self.output_blocks = nn.ModuleList([nn.Sequential(nn.Identity()), nn.Sequential(nn.Identity(), Upsample()),
                                             nn.Sequential(nn.Identity()), nn.Sequential(nn.Identity())])
 
 
 def test_layout_of_a_unet_and_refusal_of_a_dit():
-    layout = comfy_layout(FakeUNet())
-    assert layout.names == ["input_0", "input_1", "input_2", "input_3", "middle", "output_0", "output_1", "output_2"]
-    assert layout.factors["input_2"] == (1, 2) and layout.factors["output_1"] == (2, 1)
+    found = layout(FakeUNet())
+    assert found.names == ["input_0", "input_1", "input_2", "input_3", "middle", "output_0", "output_1", "output_2"]
+    assert found.factors["input_2"] == (1, 2) and found.factors["output_1"] == (2, 1)
     with pytest.raises(XMGIEInputError, match="a DiT such as Flux or SD3"):
-        comfy_layout(nn.Linear(2, 2))
+        layout(nn.Linear(2, 2))
 
 
 def test_block_patch_names_the_layers_as_comfyui_calls_them():

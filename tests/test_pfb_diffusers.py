@@ -10,7 +10,8 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from xmgie_core.errors import XMGIEInputError
-from xmgie_core.hosts.diffusers.pfb import diffusers_fusion_points, fusion_hooks, pfb_edit
+from xmgie_core.hosts.diffusers.pfb import pfb_edit
+from xmgie_core.hosts.diffusers.unet import fusion_hooks, fusion_points
 from xmgie_core.pfb import PFBSettings, SourceCache
 
 CROSS = 32
@@ -42,7 +43,7 @@ def edit(unet, source, settings, scheduler=None, steps=6, seed=1, **kw):
 
 
 def test_fusion_points_follow_the_ldm_block_order(tiny_unet):
-    layout, points = diffusers_fusion_points(tiny_unet)
+    layout, points = fusion_points(tiny_unet)
     assert layout.factors == {"input_0": (1, 1), "input_1": (1, 1), "input_2": (1, 2), "input_3": (2, 2),
                               "middle": (2, 2), "output_0": (2, 2), "output_1": (2, 1), "output_2": (1, 1)}
     assert points["input_1"].module is tiny_unet.down_blocks[0].downsamplers[0] and points["input_1"].before

@@ -15,7 +15,8 @@ from diffusers import DDIMScheduler
 from fixtures.tiny_clipseg import save_tiny_clipseg
 from xmgie_core.errors import XMGIEInputError
 from xmgie_core.hosts.diffusers.region import (AttentionRecorder, diffusers_edit_attention,
-                                               diffusers_noise_difference, recording_cross_attention)
+                                               diffusers_noise_difference)
+from xmgie_core.hosts.diffusers.unet import cross_attention_processors
 from xmgie_core.region import clipseg
 from xmgie_core.region.clipseg import clipseg_probabilities, load_clipseg, unload_clipseg
 from xmgie_core.region.zeroshot import (AttentionMaps, attend_and_record, denoising_timesteps,
@@ -183,7 +184,7 @@ def test_recording_leaves_the_unet_output_unchanged(tiny_unet, clip_tokenizer, e
     positions = hf_token_positions(clip_tokenizer, PROMPT, "red scarf")
     before = {name: type(p) for name, p in tiny_unet.attn_processors.items()}
     maps = AttentionMaps((16, 16), 2)
-    with recording_cross_attention(tiny_unet, positions, maps, (16, 16)):
+    with cross_attention_processors(tiny_unet, AttentionRecorder(torch.tensor(positions), maps, (16, 16))):
         recorded = run_unet(tiny_unet, x, target.expand(2, -1, -1))
     assert {name: type(p) for name, p in tiny_unet.attn_processors.items()} == before
     assert torch.allclose(recorded, run_unet(tiny_unet, x, target.expand(2, -1, -1)), atol=1e-5)

@@ -171,17 +171,17 @@ def test_layers_map_onto_sd15_and_sdxl_unets(comfy_host):
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    pfb_host = sys.modules[comfy_host.nodes.NODE_CLASS_MAPPINGS["XMGIEPFBSampler"].__module__.replace(
-        "nodes.pfb", "xmgie_core.hosts.comfy.pfb")]
+    unet_host = sys.modules[comfy_host.nodes.NODE_CLASS_MAPPINGS["XMGIEPFBSampler"].__module__.replace(
+        "nodes.pfb", "xmgie_core.hosts.comfy.unet")]
     common = dict(in_channels=4, out_channels=4, model_channels=32, num_head_channels=8, context_dim=32,
                   use_spatial_transformer=True, use_linear_in_transformer=True, operations=comfy.ops.disable_weight_init)
     sd15 = UNetModel(image_size=32, num_res_blocks=2, channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
                      transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], transformer_depth_middle=1, **common)
     sdxl = UNetModel(image_size=32, num_res_blocks=2, channel_mult=[1, 2, 4], transformer_depth=[0, 0, 1, 1, 1, 1],
                      transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1], transformer_depth_middle=1, **common)
-    assert pfb_host.comfy_layout(sd15).default_layers() == [
+    assert unet_host.layout(sd15).default_layers() == [
         "input_7", "input_8", "input_9", "input_10", "input_11", "middle", *(f"output_{k}" for k in range(5))]
-    assert pfb_host.comfy_layout(sdxl).default_layers() == [
+    assert unet_host.layout(sdxl).default_layers() == [
         *(f"input_{k}" for k in range(4, 9)), "middle", *(f"output_{k}" for k in range(5))]
 
 

@@ -88,7 +88,7 @@ def test_edit_attention_map(region, sd15, monkeypatch):
     assert m.shape == (1, 8, 8) and m.dtype == torch.float32 and m.device.type == "cpu"
     assert torch.isfinite(m).all() and (m >= 0).all() and (m <= 1).all() and (m > 0).any()
     assert calls == [(1, 3), (2, 3), (3, 3)]
-    attn2 = len(region.attn2_keys(model.model.diffusion_model))
+    attn2 = len(region.unet.attn2_keys(model.model.diffusion_model))
     assert attn2 == 4 and len(layers) == 3 * attn2 and all(s[0] == 1 for s in layers)
     assert repr(model.model_options) == options, "the input MODEL was changed"
     assert "patches_replace" not in model.model_options["transformer_options"]
@@ -123,7 +123,7 @@ def test_recording_patch_leaves_sampling_unchanged(comfy_host, region, sd15):
     maps = AttentionMaps((8, 8), 1)
     positions, length = region.comfy_token_positions(clip, PROMPT, "red scarf")
     recorder = region.CrossAttentionRecorder(positions, length, maps)
-    for key in region.attn2_keys(patched.model.diffusion_model):
+    for key in region.unet.attn2_keys(patched.model.diffusion_model):
         patched.set_model_attn2_replace(recorder, *key)
     positive = comfy_host.nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
     negative = comfy_host.nodes.CLIPTextEncode().encode(clip, "blurry")[0]

@@ -37,6 +37,7 @@ from ...attention import stock_attention
 from ...cam import MODES, TokenRestriction, masked_cross_attention, tiled_positions
 from ...masks import RegionPyramid
 from ...errors import XMGIEInputError
+from . import unet
 
 LEVELS = ("input", "middle", "output")
 
@@ -194,16 +195,6 @@ def chunk_rows(batch: int, chunks: tuple[bool, ...]) -> torch.Tensor:
                         dtype=torch.long)
 
 
-def find_attn2(diffusion_model: torch.nn.Module, block: tuple, block_index: int) -> torch.nn.Module:
-    """The cross-attention module ComfyUI is running at transformer_options' block/block_index."""
-    kind, number = block
-    container = diffusion_model.middle_block if kind == "middle" else getattr(diffusion_model, f"{kind}_blocks")[number]
-    for module in container.modules():
-        if hasattr(module, "transformer_blocks"):
-            return module.transformer_blocks[block_index].attn2
-    raise XMGIEInputError(f"No cross-attention found in U-Net block {block}.")
-
-
 class CrossAttentionMaskPatch:
     """attn2_patch + optimized_attention_override + attn2_output_patch + outer_sample wrapper for one
     CAM spec, masking the rows whose context is `prompt`'s encoding.
@@ -305,7 +296,7 @@ class CrossAttentionMaskPatch:
         if self.diffusion_model is None:
             raise XMGIEInputError("CAM could not reach this block's attention: another patch replaced it and no "
                                   "U-Net was given for the output correction.")
-        attn = find_attn2(self.diffusion_model, armed.block, armed.block_index)
+        attn = unet.find_attn2(self.diffusion_model, armed.block, armed.block_index)
         rows = armed.rows
         heads = extra_options["n_heads"]
         q = attn.to_q(armed.n[rows])

@@ -20,62 +20,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ...errors import XMGIEInputError
-from ...pfb import BlendPlan, FeatureBlender, PFBSettings, SourceBranch, UNetLayout, latent_blend
+from ...pfb import BlendPlan, FeatureBlender, PFBSettings, SourceBranch, latent_blend
 from ...pfb import run as pfb_run
+from . import unet
 
 LOG = logging.getLogger("xmgie")
 SAMPLER_SAMPLE = "sampler_sample"
 """comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE."""
 CONCAT_KEYS = ("concat_latent_image", "concat_mask", "concat_image")
 """Conditioning extras that feed a 9-channel inpainting / 8-channel IP2P U-Net's extra input channels."""
-
-
-def comfy_layout(diffusion_model: torch.nn.Module) -> UNetLayout:
-    """The blendable layers of ComfyUI's UNetModel (openaimodel), from where it down- and upsamples."""
-    if not hasattr(diffusion_model, "input_blocks") or not hasattr(diffusion_model, "output_blocks"):
-        raise XMGIEInputError(f"PFB blends U-Net blocks, but this model's diffusion model is a "
-                              f"{type(diffusion_model).__name__} without them (a DiT such as Flux or SD3): use an "
-                              "SD1.x, SD2 or SDXL checkpoint (or their inpainting versions).")
-
-    def scale(block: torch.nn.Module, kind: str) -> int:
-        return 2 if any(type(m).__name__ == kind for m in block.modules()) else 1
-
-    return UNetLayout.from_blocks([scale(b, "Downsample") for b in diffusion_model.input_blocks],
-                                  [scale(b, "Upsample") for b in diffusion_model.output_blocks])
-
-
-class BlockPatch:
-    """input_block_patch_after_skip + output_block_patch calling `hook(layer, h)` at PFB's fusion points."""
-
-    def __init__(self, hook: Callable[[str, torch.Tensor], torch.Tensor]):
-        self.hook = hook
-
-    def __deepcopy__(self, memo: dict) -> "BlockPatch":
-        return self
-
-    # -- h = p(h, transformer_options)
-    def after_skip(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
-        return self.hook(f"input_{transformer_options['block'][1]}", h)
-
-    # -- h, hsp = p(h, hsp, transformer_options)
-    def output(self, h: torch.Tensor, hsp: torch.Tensor, transformer_options: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        k = transformer_options["block"][1]
-        return self.hook("middle" if k == 0 else f"output_{k - 1}", h), hsp
-
-
-def with_block_patch(model_options: dict, patch: BlockPatch) -> dict:
-    """A copy of model_options with `patch` appended to the block patch lists (the original is untouched)."""
-    options = dict(model_options)
-    to = options["transformer_options"] = dict(options.get("transformer_options", {}))
-    patches = to["patches"] = dict(to.get("patches", {}))
-    patches["input_block_patch_after_skip"] = patches.get("input_block_patch_after_skip", []) + [patch.after_skip]
-    patches["output_block_patch"] = patches.get("output_block_patch", []) + [patch.output]
-    return options
 
 
 def source_conds(source: list | None, negative: list, positive: list) -> list:
@@ -200,7 +157,7 @@ def pfb_guider_class() -> type:
 
         def _prepare(self, sigmas: torch.Tensor, z: torch.Tensor, model_options: dict) -> _Run:
             ms = self.inner_model.model_sampling
-            blend_plan = pfb_run.plan(self.settings, comfy_layout(self.inner_model.diffusion_model), z,
+            blend_plan = pfb_run.plan(self.settings, unet.layout(self.inner_model.diffusion_model), z,
                                       self.inner_model.latent_format.latent_channels, ms.percent_to_sigma)
             parts, keep = model_identity(self.model_patcher, model_options)
             branch = pfb_run.open_source_branch(
@@ -213,7 +170,7 @@ def pfb_guider_class() -> type:
         def _source_pass(self, model_options: dict):
             def run_pass(x: torch.Tensor, sigma: float, recorder) -> torch.Tensor:
                 comfy.model_management.throw_exception_if_processing_interrupted()
-                options = with_block_patch(model_options, BlockPatch(recorder))
+                options = unet.with_block_patch(model_options, unet.BlockPatch(recorder))
                 timestep = x.new_full((x.shape[0],), sigma)
                 return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["source"]], x, timestep,
                                                       options)[0]
@@ -222,12 +179,9 @@ def pfb_guider_class() -> type:
         def _noise_for_start(self, sampler, sigmas, noise, z):
             """The noise for which the sampler's first latent, noise_scaling(sigma_0, noise, z), is the inversion's
             top x_inv(sigma_0) (noise_scaling is affine in the noise)."""
-            ms = self.inner_model.model_sampling
-            max_denoise = sampler.max_denoise(self, sigmas)
-            zero = torch.zeros_like(z)
-            offset = ms.noise_scaling(sigmas[0], zero, z, max_denoise)
-            gain = ms.noise_scaling(sigmas[0], torch.ones_like(z), zero, max_denoise)
-            return ((self.run.branch.trajectory(float(sigmas[0])) - offset) / gain).to(noise)
+            top = self.run.branch.trajectory(float(sigmas[0]))
+            return unet.noise_for(self.inner_model.model_sampling, sigmas[0], top, z,
+                                  sampler.max_denoise(self, sigmas)).to(noise)
 
         def predict_noise(self, x, timestep, model_options={}, seed=None):
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -238,8 +192,8 @@ def pfb_guider_class() -> type:
             if not layers and not blending:
                 return self.guided(x, timestep, model_options, seed)
             if layers:
-                model_options = with_block_patch(
-                    model_options, BlockPatch(FeatureBlender(run.plan, run.branch.features(sigma), layers)))
+                model_options = unet.with_block_patch(
+                    model_options, unet.BlockPatch(FeatureBlender(run.plan, run.branch.features(sigma), layers)))
             if blending:
                 m = run.plan.latent_mask(*x.shape[-2:], x.device)
                 x = latent_blend(x, run.branch.trajectory(sigma).to(x), m)

@@ -18,11 +18,11 @@ from typing import Any, Callable
 import torch
 
 from ...cam import tiled_positions
-from ...errors import XMGIEInputError
 from ...region.zeroshot import (DEFAULT_STRENGTH_RANGE, AttentionMaps, attend_and_record, check_count, check_latent,
                                denoising_timesteps, euler_step, noise_difference_map, noise_difference_timesteps,
                                seeded_noise)
 from ...tokens import comfy_token_positions
+from . import unet
 
 Progress = Callable[[int, int], None]
 Run = Callable[[Any, torch.Tensor, torch.Tensor, dict], torch.Tensor]
@@ -45,34 +45,9 @@ class CrossAttentionRecorder:
         return attend_and_record(q, k, v, extra_options["n_heads"], positions, grid, self.maps)
 
 
-def attn2_keys(diffusion_model: torch.nn.Module) -> list[tuple[str, int, int]]:
-    """(block name, block number, index inside its SpatialTransformer) of every cross-attention, the keys
-    ModelPatcher.set_model_attn2_replace takes."""
-    if not hasattr(diffusion_model, "input_blocks"):
-        raise XMGIEInputError(f"The attention mode reads U-Net cross-attention, but this model's diffusion model is a "
-                              f"{type(diffusion_model).__name__} (a DiT such as Flux or SD3): use an SD1.x, SD2 or "
-                              "SDXL checkpoint, or the noise-difference or CLIPSeg mode.")
-    keys = []
-    levels = (("input", diffusion_model.input_blocks), ("middle", [diffusion_model.middle_block]),
-              ("output", diffusion_model.output_blocks))
-    for kind, blocks in levels:
-        for number, block in enumerate(blocks):
-            for module in block.modules():
-                if hasattr(module, "transformer_blocks"):
-                    keys.extend((kind, number, i) for i in range(len(module.transformer_blocks)))
-    return keys
-
-
 def encode(clip: Any, text: str) -> list:
     """CONDITIONING of `text`, as CLIPTextEncode makes it."""
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-
-
-def model_eps(model_sampling: Any, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The noise prediction behind a denoised output: x = noise_scaling(sigma, eps, x0) is affine in eps."""
-    zero = torch.zeros_like(x)
-    return (x - model_sampling.noise_scaling(sigma, zero, denoised)) \
-        / model_sampling.noise_scaling(sigma, torch.ones_like(x), zero)
 
 
 def timestep_sigmas(model_sampling: Any, timesteps: list[int]) -> list[float]:
@@ -141,8 +116,8 @@ def comfy_noise_difference(model: Any, clip: Any, target_text: str, source_text:
         for d, sigma in enumerate(sigmas):
             x = ms.noise_scaling(sigma, noise[d].to(z), z)
             denoised = _unet_pass(guider, ["target", "source"], x, sigma, model_options)
-            eps_target.append(model_eps(ms, x, denoised[0], sigma))
-            eps_source.append(model_eps(ms, x, denoised[1], sigma))
+            eps_target.append(unet.noise_for(ms, sigma, x, denoised[0]))
+            eps_source.append(unet.noise_for(ms, sigma, x, denoised[1]))
             if progress is not None:
                 progress(d + 1, draws)
         return noise_difference_map(torch.stack(eps_target), torch.stack(eps_source))
@@ -169,7 +144,7 @@ def comfy_edit_attention(model: Any, clip: Any, target_text: str, edit_words: st
     maps = AttentionMaps(tuple(latent.shape[-2:]), latent.shape[0])
     patched = model.clone()
     recorder = CrossAttentionRecorder(positions, prompt_tokens, maps)
-    for key in attn2_keys(patched.model.diffusion_model):
+    for key in unet.attn2_keys(patched.model.diffusion_model):
         patched.set_model_attn2_replace(recorder, *key)
 
     def run(guider: Any, z: torch.Tensor, sigmas: torch.Tensor, model_options: dict) -> torch.Tensor:

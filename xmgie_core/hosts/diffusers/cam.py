@@ -11,7 +11,7 @@ import torch
 from ...attention import stock_attention
 from ...cam import TokenRestriction, masked_cross_attention
 from ...masks import RegionPyramid
-from ...errors import XMGIEInputError
+from .unet import check_plain_cross_attention, cross_attention_processors
 
 
 class _LatentSize:
@@ -33,10 +33,7 @@ class CAMAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        if encoder_hidden_states is None or attention_mask is not None or attn.norm_cross is not None \
-                or attn.residual_connection or hidden_states.ndim != 3:
-            raise XMGIEInputError("CAMAttnProcessor supports plain U-Net cross-attention only "
-                                  "(no attention mask, cross norm, residual or 4-D input).")
+        check_plain_cross_attention(attn, hidden_states, encoder_hidden_states, attention_mask, "CAMAttnProcessor")
         heads = attn.heads
         q = attn.to_q(hidden_states)
         k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
@@ -58,15 +55,11 @@ def cross_attention_masking(unet: torch.nn.Module, restriction: TokenRestriction
     """Within the block, every cross-attention (attn2) layer of `unet` applies CAM to batch `rows`
     (e.g. slice(B, None) for the conditional half of a [uncond, cond] CFG batch). The original
     processors come back on exit, also on error."""
-    original = dict(unet.attn_processors)
     latent = _LatentSize()
-    region = RegionPyramid(mask, threshold)
-    processors = {name: CAMAttnProcessor(restriction, region, mode, latent, rows) if ".attn2." in name else p
-                  for name, p in original.items()}
+    processor = CAMAttnProcessor(restriction, RegionPyramid(mask, threshold), mode, latent, rows)
     hook = unet.register_forward_pre_hook(latent, with_kwargs=True)
-    unet.set_attn_processor(processors)
     try:
-        yield
+        with cross_attention_processors(unet, processor):
+            yield
     finally:
         hook.remove()
-        unet.set_attn_processor(original)

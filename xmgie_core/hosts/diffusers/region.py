@@ -9,8 +9,7 @@ timesteps and sigmas. Only epsilon-prediction schedulers are supported.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -19,7 +18,8 @@ from ...errors import XMGIEInputError
 from ...region.zeroshot import (DEFAULT_STRENGTH_RANGE, AttentionMaps, attend_and_record, check_count, check_latent,
                                denoising_timesteps, euler_step, noise_difference_map, noise_difference_timesteps,
                                seeded_noise)
-from .pfb import ScheduleSigmas
+from .schedule import epsilon_schedule, unet_eps
+from .unet import check_plain_cross_attention, cross_attention_processors
 
 Progress = Callable[[int, int], None]
 
@@ -33,11 +33,8 @@ class AttentionRecorder:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  **kwargs) -> torch.Tensor:
-        if encoder_hidden_states is None or attention_mask is not None or attn.norm_cross is not None \
-                or attn.residual_connection or attn.spatial_norm is not None or attn.group_norm is not None \
-                or getattr(attn, "norm_q", None) is not None or hidden_states.ndim != 3:
-            raise XMGIEInputError("The attention recorder supports plain U-Net cross-attention only (no attention "
-                                  "mask, cross/group/spatial/query norm, residual or 4-D input).")
+        check_plain_cross_attention(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                    "The attention recorder")
         q = attn.to_q(hidden_states)
         k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         grid = infer_grid(q.shape[1], self.latent_hw)
@@ -46,37 +43,12 @@ class AttentionRecorder:
         return out / attn.rescale_output_factor
 
 
-@contextmanager
-def recording_cross_attention(unet: torch.nn.Module, positions: Sequence[int], maps: AttentionMaps,
-                              latent_hw: tuple[int, int]) -> Iterator[None]:
-    """Within the block every cross-attention (attn2) layer of `unet` records into `maps`; the original processors
-    come back on exit, also on error."""
-    original = dict(unet.attn_processors)
-    recorder = AttentionRecorder(torch.tensor(list(positions), dtype=torch.long), maps, latent_hw)
-    unet.set_attn_processor({name: recorder if ".attn2." in name else p for name, p in original.items()})
-    try:
-        yield
-    finally:
-        unet.set_attn_processor(original)
-
-
-def _check_scheduler(scheduler) -> ScheduleSigmas:
-    if getattr(scheduler.config, "prediction_type", "epsilon") != "epsilon":
-        raise XMGIEInputError("The diffusers region modes support epsilon-prediction schedulers only.")
-    return ScheduleSigmas(scheduler)
-
-
 def _rows(embeddings: torch.Tensor, batch: int) -> torch.Tensor:
     """[1 or B, L, C] prompt embeddings as [B, L, C]."""
     if embeddings.ndim != 3 or embeddings.shape[0] not in (1, batch):
         raise XMGIEInputError(f"Prompt embeddings must be [1 or {batch}, tokens, channels] for a batch of {batch} "
                               f"latents, got shape {tuple(embeddings.shape)}.")
     return embeddings.expand(batch, -1, -1)
-
-
-def _eps(unet: torch.nn.Module, x: torch.Tensor, sigma: float, timestep: int, context: torch.Tensor) -> torch.Tensor:
-    """The U-Net's noise prediction for x = z + sigma * eps at `timestep`."""
-    return unet(x / (1 + sigma**2) ** 0.5, timestep, encoder_hidden_states=context).sample
 
 
 @torch.no_grad()
@@ -90,7 +62,7 @@ def diffusers_noise_difference(unet: torch.nn.Module, scheduler, latents: torch.
     predictions share one U-Net pass (2B rows). `progress(done, draws)` is called after each draw.
     """
     check_count(draws, "draws", "noise samples averaged into the map")
-    sig = _check_scheduler(scheduler)
+    sig = epsilon_schedule(scheduler, "The diffusers region modes")
     z = check_latent(latents, unet.config.in_channels)
     b = z.shape[0]
     timesteps = noise_difference_timesteps(strength_range, draws, len(sig.sigmas))
@@ -100,7 +72,7 @@ def diffusers_noise_difference(unet: torch.nn.Module, scheduler, latents: torch.
     for d, t in enumerate(timesteps):
         sigma = sig.sigma(t)
         x = z + sigma * noise[d]
-        eps = _eps(unet, torch.cat([x, x]), sigma, t, context)
+        eps = unet_eps(unet, torch.cat([x, x]), sigma, t, context)
         eps_target.append(eps[:b])
         eps_source.append(eps[b:])
         if progress is not None:
@@ -119,7 +91,7 @@ def diffusers_edit_attention(unet: torch.nn.Module, scheduler, latents: torch.Te
     tokens.hf_token_positions). `progress(done, steps)` is called after each step.
     """
     check_count(steps, "steps", "denoising steps whose attention is averaged")
-    sig = _check_scheduler(scheduler)
+    sig = epsilon_schedule(scheduler, "The diffusers region modes")
     z = check_latent(latents, unet.config.in_channels)
     b = z.shape[0]
     context = _rows(target_embeddings, b)
@@ -131,9 +103,10 @@ def diffusers_edit_attention(unet: torch.nn.Module, scheduler, latents: torch.Te
     sigmas = [sig.sigma(t) for t in timesteps] + [0.0]
     x = z + sigmas[0] * seeded_noise(seed, tuple(z.shape), 1, z.device, z.dtype)[0]
     maps = AttentionMaps(tuple(z.shape[-2:]), b)
-    with recording_cross_attention(unet, positions, maps, tuple(z.shape[-2:])):
+    recorder = AttentionRecorder(torch.tensor(list(positions), dtype=torch.long), maps, tuple(z.shape[-2:]))
+    with cross_attention_processors(unet, recorder):
         for i, t in enumerate(timesteps):
-            denoised = x - sigmas[i] * _eps(unet, x, sigmas[i], t, context)
+            denoised = x - sigmas[i] * unet_eps(unet, x, sigmas[i], t, context)
             x = euler_step(x, denoised, sigmas[i], sigmas[i + 1])
             if progress is not None:
                 progress(i + 1, steps)
