@@ -58,7 +58,8 @@ from ..errors import XMGIEInputError
 from ..staging import overlap, staged
 from ..weight_files import check_pickle, check_safetensors, corrupt, loading
 from .edit_head import EDIT_HEAD_DEFAULTS, NUM_IMG_TOKENS, EditMapper
-from .folder import ADDED_TOKENS, META_FILE, MGIEMeta, save_mgie_folder, token_ids
+from .folder import save_mgie_folder
+from .meta import ADDED_TOKENS, META_FILE, MGIEMeta, token_ids
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 UNET_FORMAT = "xmgie-mgie-unet-1"

@@ -55,8 +55,9 @@ from ..training import (CHECKPOINT, Position, StepLog, checkpoint_to_resume, dis
                         run_signature, save_checkpoint, setup_distributed, unusable_numbers)
 from ..weight_files import check_model_folder, check_safetensors, loading
 from .edit_head import NUM_IMG_TOKENS, EditMapper, mgie_conditioning
-from .folder import ADDED_TOKENS, CONVERT_HINT, load_mgie_folder, save_mgie_folder
+from .folder import load_mgie_folder, save_mgie_folder
 from .llava import MGIE, img_position, mgie_prompt
+from .meta import ADDED_TOKENS, CONVERT_HINT
 
 LOGGER = logging.getLogger("xmgie")
 PROG = "python -m xmgie_core.mgie train"
