@@ -24,8 +24,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from _measure import in_memory_phase, memory_phase, peak_mb, time_calls  # noqa: E402
 from xmgie_core.mgie.edit_head import EditMapper  # noqa: E402
-from xmgie_core.mgie.folder import ADDED_TOKENS, MGIEMeta  # noqa: E402
 from xmgie_core.mgie.llava import MGIE  # noqa: E402
+from xmgie_core.mgie.meta import ADDED_TOKENS, MGIEMeta  # noqa: E402
 
 SHORT, LONG = 4, 20
 """New tokens of the two timed generations: per token = (t(LONG) - t(SHORT)) / (LONG - SHORT)."""

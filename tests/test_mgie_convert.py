@@ -19,7 +19,8 @@ from fixtures.mgie_release import (
 )
 from xmgie_core.errors import XMGIEInputError
 from xmgie_core.mgie import ADDED_TOKENS, load_mgie_folder
-from xmgie_core.mgie.convert import UNET_FORMAT, convert, diffusers_unet_to_ldm, main
+from xmgie_core.mgie.convert import convert, main
+from xmgie_core.mgie.unet_layout import UNET_FORMAT, diffusers_unet_to_ldm
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"

@@ -24,14 +24,18 @@ from fixtures.tiny_mgie import INSTRUCTION, build_tiny_mgie
 from xmgie_core.errors import XMGIEInputError
 from xmgie_core.mgie import MGIE, img_position, load_mgie_folder, mgie_conditioning
 from xmgie_core.mgie import train as mgie_train
-from xmgie_core.mgie.convert import diffusers_unet_to_ldm, unet_source, write_unet
-from xmgie_core.mgie.train import (
-    CHECKPOINT, IGNORE, MGIE_DIR, SD15_IP2P_UNET, UNET_FILE, MGIEDataset, MGIEObjective, MGIETrainSettings,
-    attach_lora, build_trainables, collate, dropout_masks, edit_loss, img_states, instruction_loss, load_models,
-    load_unet, main, noise_scheduler, prepare, read_mgie_records, sequence_embeddings, step_generator,
-    training_sequence, write_back,
+from xmgie_core.mgie.convert import unet_source, write_unet
+from xmgie_core.mgie.data import IGNORE, MGIEDataset, collate, read_mgie_records, training_sequence
+from xmgie_core.mgie.objective import (
+    MGIEObjective, dropout_masks, edit_loss, img_states, instruction_loss, noise_scheduler, prepare,
+    sequence_embeddings, step_generator,
 )
-from xmgie_core.training import LOG
+from xmgie_core.mgie.train import MGIE_DIR, UNET_FILE, main
+from xmgie_core.mgie.train_models import SD15_IP2P_UNET, load_models, load_unet
+from xmgie_core.mgie.train_settings import MGIETrainSettings
+from xmgie_core.mgie.trainables import attach_lora, build_trainables, write_back
+from xmgie_core.mgie.unet_layout import diffusers_unet_to_ldm
+from xmgie_core.training import CHECKPOINT, LOG
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")

@@ -530,7 +530,7 @@ def test_training_settings_no_run_can_use_are_refused(change, flag):
 
 
 def test_mgie_training_settings_no_run_can_use_are_refused():
-    from xmgie_core.mgie.train import MGIETrainSettings
+    from xmgie_core.mgie.train_settings import MGIETrainSettings
 
     for change, flag in (({"lr": float("inf")}, "--lr inf"), ({"alpha": float("inf")}, "--alpha inf"),
                          ({"grad_clip": float("nan")}, "--grad-clip nan"), ({"seed": -5}, "--seed -5")):

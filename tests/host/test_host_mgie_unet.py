@@ -81,7 +81,7 @@ def test_mapping_equals_comfyui_for_the_full_sd15_instructpix2pix_layout(comfy_h
     import comfy.utils
     from diffusers import UNet2DConditionModel
 
-    from xmgie_core.mgie.convert import diffusers_unet_to_ldm
+    from xmgie_core.mgie.unet_layout import diffusers_unet_to_ldm
 
     with torch.device("meta"):
         sd = UNet2DConditionModel(in_channels=8, cross_attention_dim=768, attention_head_dim=8).state_dict()

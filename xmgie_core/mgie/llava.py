@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import XMGIEInputError
 from ..image_io import to_rgb8
 from .edit_head import NUM_IMG_TOKENS, EditMapper, mgie_conditioning
-from .folder import ADDED_TOKENS, CONVERT_HINT, IM_END, IM_PATCH, IM_START, MGIEMeta, check_tokens
+from .meta import ADDED_TOKENS, CONVERT_HINT, IM_END, IM_PATCH, IM_START, MGIEMeta, check_tokens
 
 LOG = logging.getLogger("xmgie")
 
