@@ -11,7 +11,7 @@ from ..xmgie_core.masks import RegionPyramid, is_empty
 from ..xmgie_core.errors import XMGIEInputError
 from ..xmgie_core.hosts.comfy.cam import (CAMSpec, CrossAttentionMaskPatch, PromptEncoding, install,
                                           running_workflows, workflow_texts)
-from ..xmgie_core.tokens import comfy_token_positions
+from ..xmgie_core.hosts.comfy.tokens import comfy_token_positions
 from ..xmgie_core.validation import check_percent_window, check_range
 
 LOG = logging.getLogger("xmgie")

@@ -8,7 +8,7 @@ import torch
 from fixtures.tiny_models import CROSS_DIM
 from xmgie_core.cam import TokenRestriction
 from xmgie_core.hosts.diffusers.cam import CAMAttnProcessor, cross_attention_masking
-from xmgie_core.tokens import hf_token_positions
+from xmgie_core.hosts.diffusers.tokens import hf_token_positions
 
 PROMPT = "a photo of a man wearing a red scarf in a snowy park"
 

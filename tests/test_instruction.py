@@ -11,7 +11,7 @@ import pytest
 from xmgie_core.errors import XMGIEInputError
 from xmgie_core.instruction.plan import FIELDS, EditPlan
 from xmgie_core.instruction.rules import rules_plan
-from xmgie_core.tokens import hf_token_positions
+from xmgie_core.hosts.diffusers.tokens import hf_token_positions
 
 SEEDS = ["Add a NASA logo on the t-shirt", "Remove the fork", "Change the bird to a rabbit with white fur",
          "Replace the cookies with candles", "Make the tree's pink cherry blossoms bloom",

@@ -16,7 +16,7 @@ from xmgie_core.errors import XMGIEInputError
 from xmgie_core.instruction.check import PlanCheckError, asked_removed, check_plan
 from xmgie_core.instruction.plan import EditPlan
 from xmgie_core.instruction.rules import rules_plan
-from xmgie_core.tokens import hf_token_positions
+from xmgie_core.hosts.diffusers.tokens import hf_token_positions
 
 
 def read_correctly(row) -> tuple[bool, str]:

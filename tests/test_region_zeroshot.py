@@ -21,7 +21,7 @@ from xmgie_core.region import clipseg
 from xmgie_core.region.clipseg import clipseg_probabilities, load_clipseg, unload_clipseg
 from xmgie_core.region.zeroshot import (AttentionMaps, attend_and_record, denoising_timesteps,
                                         noise_difference_map, noise_difference_timesteps, seeded_noise)
-from xmgie_core.tokens import hf_token_positions
+from xmgie_core.hosts.diffusers.tokens import hf_token_positions
 
 PROMPT = "a photo of a man wearing a red scarf in a snowy park"
 SOURCE = "a photo of a man in a snowy park"

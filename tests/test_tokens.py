@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from xmgie_core.errors import XMGIEInputError
-from xmgie_core.tokens import comfy_token_positions, find_positions, hf_token_positions, parse_words
+from xmgie_core.hosts.comfy.tokens import comfy_token_positions
+from xmgie_core.hosts.diffusers.tokens import hf_token_positions
+from xmgie_core.tokens import find_positions, parse_words
 
 START, END = 49406, 49407
 

@@ -11,7 +11,7 @@ pieces merge across word edges) the tokens that spell the words' text are taken 
 from __future__ import annotations
 
 import unicodedata
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from .errors import XMGIEInputError
 
@@ -119,46 +119,3 @@ def text_positions(chunks: Chunks, phrase: Sequence[int], special: set[int], pie
             found.update(index for (index, b), start in zip(stream, starts) if start < end and start + len(b) > at)
         at = text.find(target, at + 1)
     return sorted(found)
-
-
-def comfy_token_positions(clip: Any, prompt: str, words: str, what: str = "edit words") -> tuple[list[int], int]:
-    """(context positions of `words` in `prompt`, the prompt's context length) for a ComfyUI CLIP.
-
-    Uses clip.tokenize (77-token chunks, weights, embeddings) and the same tokenizer's ids for
-    the words. SDXL's g and l tokenizers must place the words identically (checked).
-    """
-    tokens = clip.tokenize(prompt)
-    found = {key: _comfy_positions(getattr(clip.tokenizer, f"clip_{key}"), chunks, words, what)
-             for key, chunks in tokens.items()}
-    (key, first), *others = found.items()
-    for other, result in others:
-        if result != first:
-            raise XMGIEInputError(
-                f"The {what} sit at different token positions for CLIP-{key} and CLIP-{other} "
-                f"({first[0]} vs {result[0]}); rephrase the prompt so both tokenizers split it alike."
-            )
-    return first
-
-
-def _comfy_positions(sd_tokenizer: Any, token_chunks: list, words: str, what: str) -> tuple[list[int], int]:
-    chunks = [[t[0] if isinstance(t[0], int) else None for t in chunk] for chunk in token_chunks]
-    special = {t for t in (sd_tokenizer.start_token, sd_tokenizer.end_token, sd_tokenizer.pad_token) if t is not None}
-    hf = sd_tokenizer.tokenizer
-    phrases = {p: [t for t in hf(p)["input_ids"] if t not in special] for p in parse_words(words)}
-    if not phrases:
-        raise XMGIEInputError(f"No {what} given: write the words to localize, e.g. 'red scarf'.")
-    return locate_phrases(chunks, phrases, special, lambda t: sd_tokenizer.inv_vocab.get(t, ""), what), \
-        sum(len(c) for c in chunks)
-
-
-def hf_token_positions(tokenizer: Any, prompt: str, words: str, max_length: int = 77,
-                       what: str = "edit words") -> list[int]:
-    """Context positions of `words` in `prompt` for a transformers tokenizer padded to max_length
-    (the diffusers pipeline's single 77-token chunk)."""
-    ids = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
-    special = set(tokenizer.all_special_ids)
-    phrases = {p: [t for t in tokenizer(p)["input_ids"] if t not in special] for p in parse_words(words)}
-    if not phrases:
-        raise XMGIEInputError(f"No {what} given: write the words to localize, e.g. 'red scarf'.")
-    inverse = {v: k for k, v in tokenizer.get_vocab().items()}
-    return locate_phrases([ids], phrases, special, lambda t: inverse.get(t, ""), what)

@@ -38,7 +38,8 @@ def word_ids(clip, words: str) -> list[int]:
     ("a man, (snowy park:0.8) and (red:1.3) scarf", "snowy park, scarf", 1),
 ])
 def test_token_positions_with_comfy_tokenizer(sd15, prompt, words, count):
-    from xmgie_core.tokens import comfy_token_positions, parse_words
+    from xmgie_core.hosts.comfy.tokens import comfy_token_positions
+    from xmgie_core.tokens import parse_words
 
     clip = sd15[1]
     positions, length = comfy_token_positions(clip, prompt, words)

@@ -24,7 +24,7 @@ def ids_at(tokens: dict, key: str, positions: list[int]) -> list:
 ])
 def test_sdxl_g_and_l_tokenizers_agree(comfy_host, prompt):
     from comfy.sdxl_clip import SDXLTokenizer
-    from xmgie_core.tokens import comfy_token_positions
+    from xmgie_core.hosts.comfy.tokens import comfy_token_positions
 
     clip = as_clip(SDXLTokenizer())
     positions, length = comfy_token_positions(clip, prompt, "red scarf")
@@ -40,7 +40,7 @@ def test_textual_inversion_embedding_shifts_positions(comfy_host, tmp_path):
     from safetensors.torch import save_file
 
     from comfy.sd1_clip import SD1Tokenizer
-    from xmgie_core.tokens import comfy_token_positions
+    from xmgie_core.hosts.comfy.tokens import comfy_token_positions
 
     save_file({"emb": torch.randn(3, 768)}, str(tmp_path / "xmgie_test_emb.safetensors"))
     clip = as_clip(SD1Tokenizer(embedding_directory=str(tmp_path)))

@@ -34,7 +34,7 @@ from ..masks import binarize, empty_items
 from ..region.postprocess import GROW_RANGE, SMOOTH_RANGE, Finish, finish_region
 from ..region.preview import region_preview
 from ..region.zeroshot import working_pixels
-from ..tokens import hf_token_positions
+from ..hosts.diffusers.tokens import hf_token_positions
 from ..validation import check_range, mask_for_image, rgb_image
 from ..hosts.diffusers.cam import cross_attention_masking
 from ..hosts.diffusers.models import load_sd15_pipeline

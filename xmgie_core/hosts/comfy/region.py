@@ -21,7 +21,7 @@ from ...cam import tiled_positions
 from ...region.zeroshot import (DEFAULT_STRENGTH_RANGE, AttentionMaps, attend_and_record, check_count, check_latent,
                                denoising_timesteps, euler_step, noise_difference_map, noise_difference_timesteps,
                                seeded_noise)
-from ...tokens import comfy_token_positions
+from .tokens import comfy_token_positions
 from . import unet
 
 Progress = Callable[[int, int], None]

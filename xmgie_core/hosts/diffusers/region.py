@@ -88,7 +88,7 @@ def diffusers_edit_attention(unet: torch.nn.Module, scheduler, latents: torch.Te
 
     The latents are noised to `strength`, then `steps` Euler steps with the target description run down to sigma 0
     while every cross-attention layer records the probabilities of the context `positions` (from
-    tokens.hf_token_positions). `progress(done, steps)` is called after each step.
+    hosts.diffusers.tokens.hf_token_positions). `progress(done, steps)` is called after each step.
     """
     check_count(steps, "steps", "denoising steps whose attention is averaged")
     sig = epsilon_schedule(scheduler, "The diffusers region modes")
@@ -98,7 +98,7 @@ def diffusers_edit_attention(unet: torch.nn.Module, scheduler, latents: torch.Te
     if not positions or not all(0 <= p < context.shape[1] for p in positions):
         raise XMGIEInputError(f"The edit words' token positions {list(positions)} must be a non-empty list within "
                               f"the prompt's {context.shape[1]} tokens: find them with "
-                              "tokens.hf_token_positions(tokenizer, prompt, words).")
+                              "hosts.diffusers.tokens.hf_token_positions(tokenizer, prompt, words).")
     timesteps = denoising_timesteps(strength, steps, len(sig.sigmas))
     sigmas = [sig.sigma(t) for t in timesteps] + [0.0]
     x = z + sigmas[0] * seeded_noise(seed, tuple(z.shape), 1, z.device, z.dtype)[0]
