@@ -25,6 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from _measure import in_memory_phase, memory_phase, peak_mb, time_calls  # noqa: E402
 from xmgie_core.apps import edit as de  # noqa: E402
+from xmgie_core.hosts.diffusers import models as sd15  # noqa: E402
 from xmgie_core.identity.backends import Dlib  # noqa: E402
 
 ASSETS = ROOT / "workflows" / "assets"
@@ -39,7 +40,7 @@ def photo(width: int, height: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def plain_sampling(models: de.SD15, steps: int, cfg: float) -> torch.Tensor:
+def plain_sampling(models: sd15.SD15, steps: int, cfg: float) -> torch.Tensor:
     """The baseline: DDIM with CFG from noise on a 64 x 64 latent (a 512 x 512 image)."""
     scheduler = models.scheduler
     scheduler.set_timesteps(steps)
@@ -58,7 +59,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_known_args()[0]  # the memory phase adds its own flag
     torch.manual_seed(0)
-    models = de.tiny_sd15(Path(tempfile.mkdtemp()))
+    models = sd15.tiny_sd15(Path(tempfile.mkdtemp()))
     backend = Dlib()
     settings = de.EditSettings(INSTRUCTION, steps=args.steps, region_draws=args.draws)
     photos = {"512x512": photo(512, 512), "4000x3000 (crop)": photo(4000, 3000)}

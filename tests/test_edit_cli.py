@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from xmgie_core.apps import cli
 from xmgie_core.apps import edit as de
+from xmgie_core.hosts.diffusers import models as models_of
 
 ASSETS = Path(__file__).resolve().parent.parent / "workflows" / "assets"
 SOURCE = ASSETS / "xmgie_astronaut_source.png"
@@ -103,7 +104,7 @@ def test_an_empty_mask_leaves_the_photo_unchanged(tmp_path):
 
 
 def test_same_seed_same_edit_other_seed_other_edit(scarf_mask, tmp_path):
-    models = de.tiny_sd15(tmp_path / "tok")
+    models = models_of.tiny_sd15(tmp_path / "tok")
     photo = torch.from_numpy(pixels(SOURCE)).float()[None] / 255
     mask = torch.from_numpy(pixels(scarf_mask)[..., 0] >= 128).float()[None]
     settings = lambda seed: de.EditSettings(INSTRUCTION, seed=seed, steps=2, working_size=256)  # noqa: E731
@@ -116,7 +117,7 @@ def test_a_diffusers_checkpoint_folder_loads(tmp_path, scarf_mask):
     """The real loading path: a diffusers SD1.5 folder (here of the tiny models, saved as safetensors)."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    tiny = de.tiny_sd15(tmp_path / "tok")
+    tiny = models_of.tiny_sd15(tmp_path / "tok")
     pipe = StableDiffusionImg2ImgPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
                                           unet=tiny.unet, scheduler=tiny.scheduler, safety_checker=None,
                                           feature_extractor=None, requires_safety_checker=False)
@@ -133,7 +134,7 @@ def test_a_checkpoint_cut_short_is_named(tmp_path, capsys):
     """A partly downloaded diffusers folder: its U-Net weights stop half way."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    tiny = de.tiny_sd15(tmp_path / "tok")
+    tiny = models_of.tiny_sd15(tmp_path / "tok")
     StableDiffusionImg2ImgPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
                                    unet=tiny.unet, scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False).save_pretrained(tmp_path / "sd15")

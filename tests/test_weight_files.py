@@ -77,7 +77,7 @@ def test_every_damaged_pickle_is_named_and_explained(tmp_path, damage):
 def _sd15_folder(root: Path) -> Path:
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from xmgie_core.apps.edit import tiny_sd15
+    from xmgie_core.hosts.diffusers.models import tiny_sd15
 
     tiny = tiny_sd15(root / "tok")
     pipe = StableDiffusionImg2ImgPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,

@@ -50,6 +50,7 @@ EDIT = EditSettings("")
 
 
 def run_edit(args: argparse.Namespace) -> list[Path]:
+    from ..hosts.diffusers import models as sd15
     from . import edit as de
 
     if args.checkpoint is None and not args.tiny:
@@ -69,10 +70,10 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         if args.tiny:
             log("loading TINY RANDOM-WEIGHT models: this checks the plumbing, the picture will not be an edit")
-            models = de.tiny_sd15(Path(tokenizer_dir), device)
+            models = sd15.tiny_sd15(Path(tokenizer_dir), device)
         else:
             log(f"loading {args.checkpoint} ...")
-            models = de.load_sd15(args.checkpoint, args.config, device)
+            models = sd15.load_sd15(args.checkpoint, args.config, device)
         result = de.edit_photo(models, photo, settings, mask, backend, log, plan)
     stem = unused_stem(out, args.image.stem + "_xmgie" + (f"_{TINY_TAG}" if models.tiny else ""), OUTPUTS)
     written = [save_image(result.image, out / f"{stem}_edit.png"), save_image(result.mask, out / f"{stem}_mask.png"),

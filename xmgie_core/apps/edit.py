@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -37,7 +37,7 @@ from ..region.zeroshot import working_pixels
 from ..hosts.diffusers.tokens import hf_token_positions
 from ..validation import check_range, mask_for_image, rgb_image
 from ..hosts.diffusers.cam import cross_attention_masking
-from ..hosts.diffusers.models import load_sd15_pipeline
+from ..hosts.diffusers.models import SD15
 from ..hosts.diffusers.pfb import pfb_edit
 from ..hosts.diffusers.region import diffusers_noise_difference
 
@@ -46,52 +46,6 @@ CONTEXT_TOKENS = 77
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
 STAGES = ("instruction", "region", "crop", "sampling", "decode", "identity", "composite")
 Log = Callable[[str], None]
-
-
-@dataclass
-class SD15:
-    """The parts of an SD1.5 checkpoint the edit uses (diffusers modules), and where they came from."""
-
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler: Any
-    source: str
-    tiny: bool = False
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-
-def ddim_scheduler(config: dict | None = None):
-    """SD1.5's DDIM schedule (scaled-linear betas 0.00085..0.012, 1000 steps), or `config`'s."""
-    from diffusers import DDIMScheduler
-
-    if config is not None:
-        return DDIMScheduler.from_config(config)
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
-
-
-def load_sd15(path: Path, config: Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SD15:
-    """An SD1.5 checkpoint from a local diffusers folder or a single .safetensors file (+ `config` folder)."""
-    pipe = load_sd15_pipeline(path, config, device, dtype)
-    return SD15(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, ddim_scheduler(pipe.scheduler.config),
-                str(path))
-
-
-def tiny_sd15(tokenizer_dir: Path, device: str = "cpu") -> SD15:
-    """Tiny random-weight SD1.5-shaped models (xmgie_core.tiny): the plumbing runs, the picture is noise."""
-    from ..tiny import clip_tokenizer, tiny_clip_text, tiny_unet, tiny_vae
-
-    return SD15(tiny_unet().to(device), tiny_vae().to(device), tiny_clip_text().to(device),
-                clip_tokenizer(tokenizer_dir), ddim_scheduler(), "tiny random weights", tiny=True)
 
 
 @dataclass

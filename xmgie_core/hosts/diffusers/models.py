@@ -1,9 +1,12 @@
-"""SD1.5 from local files for the diffusers host: a diffusers folder, or a single .safetensors checkpoint plus a
-local diffusers config folder; offline, safetensors only, no safety checker."""
+"""SD1.5 for the diffusers host, the one loader of the pack: a diffusers folder, or a single .safetensors checkpoint
+plus a local diffusers config folder (offline, safetensors only, no safety checker); or the tiny random-weight models
+(xmgie_core.tiny) that check the plumbing. SD15 holds the parts the edit, the data builder and the benchmarks use."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,3 +45,49 @@ def load_sd15_pipeline(path: Path, config: Path | None, device: str, dtype: torc
                               "folder or a .safetensors checkpoint (e.g. from ComfyUI/models/checkpoints/).")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+@dataclass
+class SD15:
+    """The parts of an SD1.5 checkpoint the edit uses (diffusers modules), and where they came from."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    source: str
+    tiny: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+
+def ddim_scheduler(config: dict | None = None):
+    """SD1.5's DDIM schedule (scaled-linear betas 0.00085..0.012, 1000 steps), or `config`'s."""
+    from diffusers import DDIMScheduler
+
+    if config is not None:
+        return DDIMScheduler.from_config(config)
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def load_sd15(path: Path, config: Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SD15:
+    """An SD1.5 checkpoint from a local diffusers folder or a single .safetensors file (+ `config` folder)."""
+    pipe = load_sd15_pipeline(path, config, device, dtype)
+    return SD15(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, ddim_scheduler(pipe.scheduler.config),
+                str(path))
+
+
+def tiny_sd15(tokenizer_dir: Path, device: str = "cpu") -> SD15:
+    """Tiny random-weight SD1.5-shaped models (xmgie_core.tiny): the plumbing runs, the picture is noise."""
+    from ...tiny import clip_tokenizer, tiny_clip_text, tiny_unet, tiny_vae
+
+    return SD15(tiny_unet().to(device), tiny_vae().to(device), tiny_clip_text().to(device),
+                clip_tokenizer(tokenizer_dir), ddim_scheduler(), "tiny random weights", tiny=True)
