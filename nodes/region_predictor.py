@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections import OrderedDict
 
 import torch
 
@@ -15,10 +14,11 @@ from ..xmgie_core.region.clipseg import clipseg_probabilities, unload_clipseg
 from ..xmgie_core.region.encoders import load_t5_instruction_encoder
 from ..xmgie_core.region.learned import predict_learned
 from ..xmgie_core.masks import empty_items
+from ..xmgie_core.model_cache import MODELS
 from ..xmgie_core.region.postprocess import GROW_RANGE, SMOOTH_RANGE, Finish, finish_region
 from ..xmgie_core.region.predictor import load_predictor
 from ..xmgie_core.region.preview import region_preview
-from ..xmgie_core.region.zeroshot import working_pixels
+from ..xmgie_core.region.zeroshot import spread_around, working_pixels
 from ..xmgie_core.tokens import parse_words
 from ..xmgie_core.validation import rgb_image
 from .devices import device_and_dtype, free_device_cache
@@ -30,11 +30,6 @@ MODES = ("learned", "noise-difference", "attention", "clipseg")
 NONE = "none"
 DRAWS = 10
 STEPS = 10
-STRENGTH_SPREAD = 0.1
-"""noise-difference draws are spread over strength +- this (DiffEdit averages draws at one strength; a spread
-also averages over timesteps)."""
-_LEARNED: OrderedDict = OrderedDict()
-"""(predictor file, T5 folder) -> (predictor, T5 encoder), kept while keep_loaded is on."""
 
 
 def parse_scales(text: str) -> tuple[int, ...] | None:
@@ -59,14 +54,16 @@ def learned_models(predictor_name: str, t5_folder: str, keep_loaded: bool) -> tu
     path = find_model_file(predictor_name, "xmgie", "Region predictor")
     folder = find_model_folder(t5_folder, ("text_encoders", "LLM"), "The learned mode's instruction encoder",
                                "flan-t5-base")
-    key = (str(path), path.stat().st_mtime, str(folder))
-    models = _LEARNED.pop(key, None)
-    _LEARNED.clear()
-    if models is None:
+    key = ("region-learned", str(path), path.stat().st_mtime, str(folder))
+    MODELS.unload(lambda k: k[0] == "region-learned" and k != key)  # another file, or this one changed
+
+    def load() -> tuple:
         device, dtype = device_and_dtype()
-        models = (load_predictor(path, device, dtype), load_t5_instruction_encoder(folder, device, dtype))
-    if keep_loaded:
-        _LEARNED[key] = models
+        return load_predictor(path, device, dtype), load_t5_instruction_encoder(folder, device, dtype)
+
+    models = MODELS.get(key, load)
+    if not keep_loaded:
+        MODELS.unload(lambda k: k == key)
     return models
 
 
@@ -228,7 +225,7 @@ class XMGIERegionPredictor:
 
             latent = working_latent(vae, image)
             if mode == "noise-difference":
-                spread = (max(0.05, strength - STRENGTH_SPREAD), min(1.0, strength + STRENGTH_SPREAD))
-                return comfy_noise_difference(model, clip, target, source, latent, draws, seed, spread, progress)
+                return comfy_noise_difference(model, clip, target, source, latent, draws, seed,
+                                              spread_around(strength), progress)
             return comfy_edit_attention(model, clip, target, words, latent, steps, seed, strength, progress)
         raise XMGIEInputError(f"Unknown mode {mode!r}; use one of {', '.join(MODES)}.")

@@ -33,7 +33,7 @@ from ..pfb.settings import PFBSettings
 from ..masks import binarize, empty_items
 from ..region.postprocess import GROW_RANGE, SMOOTH_RANGE, Finish, finish_region
 from ..region.preview import region_preview
-from ..region.zeroshot import working_pixels
+from ..region.zeroshot import spread_around, working_pixels
 from ..hosts.diffusers.tokens import hf_token_positions
 from ..validation import check_range, mask_for_image, rgb_image
 from ..hosts.diffusers.cam import cross_attention_masking
@@ -180,9 +180,9 @@ def decode_latent(models: SD15, latent: torch.Tensor) -> torch.Tensor:
 def predict_region(models: SD15, image: torch.Tensor, plan: EditPlan, s: EditSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """DiffEdit's noise difference at the working size, finished as the Region Predictor node does -> (mask, soft)."""
     z = encode_image(models, working_pixels(image))
-    spread = (max(0.05, s.region_strength - 0.1), min(1.0, s.region_strength + 0.1))
     score = diffusers_noise_difference(models.unet, models.scheduler, z, encode_text(models, plan.target_description),
-                                       encode_text(models, plan.source_description), s.region_draws, s.seed, spread)
+                                       encode_text(models, plan.source_description), s.region_draws, s.seed,
+                                       spread_around(s.region_strength))
     finish = Finish(s.region_threshold, s.region_grow, s.region_smoothing, normalise=True)
     return finish_region(score, image.shape[1], image.shape[2], finish)
 

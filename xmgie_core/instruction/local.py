@@ -9,7 +9,6 @@ safetensors only.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 from collections import OrderedDict
@@ -22,6 +21,7 @@ import torch
 from .. import weight_files
 from ..errors import XMGIEInputError
 from ..image_io import to_rgb8
+from ..model_cache import MODELS
 from ..paths import real_path
 from .check import check_plan
 from .plan import EditPlan, clean_instruction
@@ -100,7 +100,6 @@ class LocalVLM:
         return self.processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-_LOADED: dict[Path, LocalVLM] = {}
 _RESULTS: OrderedDict[str, EditPlan] = OrderedDict()
 MAX_RESULTS = 64
 
@@ -126,8 +125,7 @@ def local_plan(image: torch.Tensor, instruction: str, folder: Path, settings: Ge
     if key in _RESULTS:
         _RESULTS.move_to_end(key)
         return _RESULTS[key]
-    vlm = _LOADED.get(folder) or LocalVLM(folder, device, dtype)
-    _LOADED[folder] = vlm
+    vlm = MODELS.get(("local-vlm", folder), lambda: LocalVLM(folder, device, dtype))
     try:
         caption = vlm.generate(CAPTION_PROMPT, to_pil(image), settings)
         answer = vlm.generate(PLAN_PROMPT.format(caption=caption, instruction=text), None, settings)
@@ -156,13 +154,9 @@ def local_plan(image: torch.Tensor, instruction: str, folder: Path, settings: Ge
 
 def unload(folder: Path | None = None) -> None:
     """Free one loaded model (or all): the node does this after each run unless 'keep loaded' is on."""
-    for path in [folder] if folder is not None else list(_LOADED):
-        vlm = _LOADED.pop(path, None)
-        if vlm is not None:
-            del vlm.model
-    gc.collect()
+    MODELS.unload(lambda key: key[0] == "local-vlm" and folder in (None, key[1]))
 
 
 def loaded_folders() -> list[Path]:
-    return list(_LOADED)
+    return [key[1] for key in MODELS.keys("local-vlm")]
 

@@ -16,7 +16,6 @@ never runs code from the folder: local_files_only, trust_remote_code=False, safe
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import XMGIEInputError
+from ..model_cache import MODELS
 from ..paths import real_path
 from ..weight_files import check_model_folder, loading, read_safetensors
 from .edit_head import EditMapper
@@ -199,22 +199,13 @@ def load_mgie_folder(folder: Path, device: torch.device | str = "cpu", dtype: to
     return MGIE(parts[0], tokenizer, parts[1], image_processor, parts[2], parts[3], meta)
 
 
-_LOADED: dict[tuple[Path, str, torch.dtype], MGIE] = {}
-
-
 def cached_mgie(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> MGIE:
     """load_mgie_folder, kept for the next call with the same (folder, device, dtype) until `unload_mgie`."""
-    key = (real_path(folder, "The MGIE model folder"), str(device), dtype)
-    if key not in _LOADED:
-        _LOADED[key] = load_mgie_folder(folder, device, dtype)
-    return _LOADED[key]
+    key = ("mgie", real_path(folder, "The MGIE model folder"), str(device), dtype)
+    return MODELS.get(key, lambda: load_mgie_folder(folder, device, dtype))
 
 
 def unload_mgie(folder: Path | None = None) -> None:
     """Forget one cached MGIE folder (every device/dtype), or all of them, and free their memory."""
     target = real_path(folder, "The MGIE model folder") if folder is not None else None
-    for key in [k for k in _LOADED if target is None or k[0] == target]:
-        del _LOADED[key]
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    MODELS.unload(lambda key: key[0] == "mgie" and target in (None, key[1]))

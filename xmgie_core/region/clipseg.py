@@ -8,7 +8,6 @@ path; the node finds it under ComfyUI's models/clipseg (nodes/model_folders.py).
 
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import XMGIEInputError
 from ..image_io import to_rgb8
+from ..model_cache import MODELS
 from ..paths import real_path
 from ..validation import rgb_image
 from ..weight_files import check_model_folder, loading
@@ -84,15 +84,10 @@ class CLIPSeg:
         return F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False).amax(dim=1).clamp(0, 1)
 
 
-_LOADED: dict[Path, CLIPSeg] = {}
-
-
 def load_clipseg(folder: Path) -> CLIPSeg:
     """The CLIPSeg model of `folder`, loaded once and kept until `unload_clipseg`."""
-    key = real_path(folder, "The CLIPSeg model folder")
-    if key not in _LOADED:
-        _LOADED[key] = CLIPSeg(key)
-    return _LOADED[key]
+    path = real_path(folder, "The CLIPSeg model folder")
+    return MODELS.get(("clipseg", path), lambda: CLIPSeg(path))
 
 
 def clipseg_probabilities(image: torch.Tensor, phrases: list[str], folder: Path,
@@ -108,6 +103,5 @@ def clipseg_probabilities(image: torch.Tensor, phrases: list[str], folder: Path,
 
 def unload_clipseg(folder: Path | None = None) -> None:
     """Free one loaded CLIPSeg model (or all)."""
-    for key in [real_path(folder, "The CLIPSeg model folder")] if folder is not None else list(_LOADED):
-        _LOADED.pop(key, None)
-    gc.collect()
+    path = real_path(folder, "The CLIPSeg model folder") if folder is not None else None
+    MODELS.unload(lambda key: key[0] == "clipseg" and path in (None, key[1]))

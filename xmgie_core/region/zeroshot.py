@@ -20,6 +20,7 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 
+from .. import limits
 from ..attention import merge_heads, split_heads
 from ..errors import XMGIEInputError
 from ..validation import check_finite, rgb_image
@@ -68,6 +69,16 @@ def check_strength_range(strength_range: tuple[float, float]) -> tuple[float, fl
         raise XMGIEInputError(f"The strength range starts at {low} but ends at {high}: give the lower strength "
                               "first (equal values use a single noise level, as DiffEdit does).")
     return low, high
+
+
+STRENGTH_SPREAD = 0.1
+"""The Region Predictor's noise-difference draws spread over strength +- this (DiffEdit averages draws at one
+strength; a spread also averages over timesteps)."""
+
+
+def spread_around(strength: float) -> tuple[float, float]:
+    """The strength range of the noise-difference draws around the chosen `strength` (kept within 0.05..1)."""
+    return max(limits.REGION_STRENGTH[0], strength - STRENGTH_SPREAD), min(1.0, strength + STRENGTH_SPREAD)
 
 
 def strength_timestep(strength: float, train_timesteps: int) -> int:
