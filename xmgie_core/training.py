@@ -56,6 +56,38 @@ def read_jsonl(path: Path, parse: Callable[[Any, Path, int], T], missing: str) -
     return records
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """What every training run sets (the trainers' settings extend it): steps, batch size per process, AdamW's
+    learning rate and weight decay, the seed, the checkpoint interval."""
+
+    steps: int = 20000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    seed: int = 0
+    save_every: int = 500
+
+    def problems(self, counts: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> list[str]:
+        """The flags no run can use: steps, batch size, save-every and `counts` below 1, a learning rate not above
+        0, weight decay and `non_negative` below 0, a NaN or infinite number, a seed out of range."""
+        flag = lambda name: f"--{name.replace('_', '-')} {getattr(self, name)}"  # noqa: E731
+        bad = [flag(k) for k in ("steps", "batch_size", "save_every", *counts) if getattr(self, k) < 1]
+        bad += [flag("lr")] if not self.lr > 0 else []
+        bad += [flag(k) for k in ("weight_decay", *non_negative) if not getattr(self, k) >= 0]
+        return bad + unusable_numbers(self)
+
+
+def add_run_arguments(p: Any, defaults: RunSettings, seed_help: str) -> None:
+    """The command-line options of RunSettings, shown with the trainer's defaults."""
+    p.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps in all (a resume may raise it)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    p.add_argument("--seed", type=int, default=defaults.seed, help=seed_help)
+    p.add_argument("--save-every", type=int, default=defaults.save_every, help="checkpoint every N steps")
+
+
 def unusable_numbers(settings: Any) -> list[str]:
     """The CLI flags of a settings dataclass whose numbers no run can use: a float that is NaN or infinite, or a seed
     outside ComfyUI's seed range (0..2^64-1)."""

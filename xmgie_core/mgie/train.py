@@ -48,8 +48,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..image_io import check_out_dir
-from ..training import (CHECKPOINT, Position, StepLog, checkpoint_to_resume, distributed, epoch_sampler,
-                        load_checkpoint, mean_over_ranks, remaining_batches, run_cli, save_checkpoint,
+from ..training import (CHECKPOINT, Position, StepLog, add_run_arguments, checkpoint_to_resume, distributed,
+                        epoch_sampler, load_checkpoint, mean_over_ranks, remaining_batches, run_cli, save_checkpoint,
                         setup_distributed)
 from .data import MGIEDataset, MGIERecord, collate, data_digest, read_mgie_records
 from .folder import save_mgie_folder
@@ -162,11 +162,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--vae", type=Path, required=True,
                    help="diffusers AutoencoderKL folder (e.g. stable-diffusion-v1-5/vae, or the pipeline folder)")
     p.add_argument("--out", type=Path, required=True, help="run folder: log, checkpoint, mgie/, unet.safetensors")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in all (a resume may raise it)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
-    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    p.add_argument("--seed", type=int, default=d.seed, help="data order, noise, timesteps, dropout, LoRA init")
+    add_run_arguments(p, d, seed_help="data order, noise, timesteps, dropout, LoRA init")
     p.add_argument("--alpha", type=float, default=d.alpha, help="L_all = L_ins + alpha * L_edit")
     p.add_argument("--text-drop", type=float, default=d.text_drop, help="probability of dropping the text only")
     p.add_argument("--image-drop", type=float, default=d.image_drop, help="probability of dropping the image only")
@@ -176,7 +172,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, help="LoRA scale = alpha / rank (default: alpha = rank)")
     p.add_argument("--resolution", type=int, default=d.resolution, help="side of the square images the VAE encodes")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
     p.add_argument("--resume", nargs="?", const=True, default=False, type=Path, metavar="CHECKPOINT",
                    help=f"continue the run in --out (or from CHECKPOINT); default checkpoint: <out>/{CHECKPOINT}")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (torchrun: this rank's GPU)")

@@ -7,19 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import XMGIEInputError
-from ..training import run_signature, unusable_numbers
+from ..training import RunSettings, run_signature
 
 
 @dataclass(frozen=True)
-class MGIETrainSettings:
+class MGIETrainSettings(RunSettings):
     """One MGIE training run's choices (the command line's options); invalid values are refused together."""
 
-    steps: int = 20000
     batch_size: int = 4
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    seed: int = 0
-    save_every: int = 500
     alpha: float = 0.5
     """L_all = L_ins + alpha * L_edit."""
     text_drop: float = 0.05
@@ -35,19 +30,12 @@ class MGIETrainSettings:
     """Clip the trained parameters' gradient norm to this (0: no clipping)."""
 
     def __post_init__(self) -> None:
-        bad = [f"--{k.replace('_', '-')} {v}" for k, v in (("steps", self.steps), ("batch_size", self.batch_size),
-                                                          ("save_every", self.save_every),
-                                                          ("resolution", self.resolution)) if v < 1]
-        bad += [f"--lr {self.lr}"] if not self.lr > 0 else []
-        bad += [f"--{k.replace('_', '-')} {v}" for k, v in (("weight_decay", self.weight_decay),
-                                                            ("alpha", self.alpha), ("grad_clip", self.grad_clip),
-                                                            ("lora_rank", self.lora_rank)) if not v >= 0]
+        bad = self.problems(counts=("resolution",), non_negative=("alpha", "grad_clip", "lora_rank"))
         drops = (self.text_drop, self.image_drop, self.both_drop)
         if not all(0 <= d <= 1 for d in drops) or not sum(drops) <= 1:
             bad.append(f"--text-drop {self.text_drop} --image-drop {self.image_drop} --both-drop {self.both_drop}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             bad.append(f"--lora-alpha {self.lora_alpha}")
-        bad += unusable_numbers(self)
         if bad:
             raise XMGIEInputError(f"Invalid training settings: {', '.join(bad)}. Steps, batch size, save-every and "
                                   "resolution must be >= 1, the learning rate and --lora-alpha > 0, weight decay, "

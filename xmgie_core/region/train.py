@@ -33,9 +33,9 @@ from torch.utils.data import DataLoader
 
 from ..errors import XMGIEInputError
 from ..image_io import check_out_dir
-from ..training import (CHECKPOINT, Position, StepLog, checkpoint_to_resume, distributed, epoch_sampler,
-                        load_checkpoint, mean_over_ranks, remaining_batches, run_cli, run_signature, save_checkpoint,
-                        setup_distributed, unusable_numbers)
+from ..training import (CHECKPOINT, Position, RunSettings, StepLog, add_run_arguments, checkpoint_to_resume,
+                        distributed, epoch_sampler, load_checkpoint, mean_over_ranks, remaining_batches, run_cli,
+                        run_signature, save_checkpoint, setup_distributed)
 from .data import RegionDataset, collate, read_records
 from .encoders import ImageEncoder, InstructionEncoder, TextEncoder, load_clip_encoders, load_t5_instruction_encoder
 from .losses import (LossWeights, SemanticProjection, clip_directional_loss, clip_global_loss, clip_loss,
@@ -50,27 +50,18 @@ SHORT = {"loss": "L", "sem_align": "sem", "clip_g": "g", "clip_d": "d", "clip_s"
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    steps: int = 20000
-    batch_size: int = 8
-    lr: float = 1e-4
+class TrainSettings(RunSettings):
+    """One region predictor training run's choices (the command line's options); invalid values refused together."""
+
     weight_decay: float = 0.01
-    seed: int = 0
-    save_every: int = 500
     weights: LossWeights = LossWeights()
     heads: int = 8
     threshold: float = 0.5
     workers: int = 0
 
     def __post_init__(self) -> None:
-        bad = [f"--{k.replace('_', '-')} {v}" for k, v in (("steps", self.steps), ("batch_size", self.batch_size),
-                                                          ("save_every", self.save_every), ("heads", self.heads))
-               if v < 1]
-        bad += [f"--lr {self.lr}"] if not self.lr > 0 else []
-        bad += [f"--weight-decay {self.weight_decay}"] if not self.weight_decay >= 0 else []
-        bad += [f"--workers {self.workers}"] if self.workers < 0 else []
+        bad = self.problems(counts=("heads",), non_negative=("workers",))
         bad += [f"--threshold {self.threshold}"] if not 0 < self.threshold < 1 else []
-        bad += unusable_numbers(self)
         if bad:
             raise XMGIEInputError(f"Invalid training settings: {', '.join(bad)}. Steps, batch size, save-every and "
                                   "heads must be >= 1, the learning rate > 0, weight decay and workers >= 0, the "
@@ -221,11 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=Path, required=True, help="transformers CLIP folder (e.g. clip-vit-large-patch14)")
     p.add_argument("--t5", type=Path, required=True, help="transformers FLAN-T5 folder (e.g. flan-t5-base)")
     p.add_argument("--out", type=Path, required=True, help="run folder: log, checkpoint, region_predictor.safetensors")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in all (a resume may raise it)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
-    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    p.add_argument("--seed", type=int, default=d.seed, help="initialisation and data order")
+    add_run_arguments(p, d, seed_help="initialisation and data order")
     p.add_argument("--alpha", type=float, default=w.alpha, help="weight of L_semAlign (eq 11)")
     p.add_argument("--beta", type=float, default=w.beta, help="weight of L_CLIP (eq 11)")
     p.add_argument("--lambda-g", type=float, default=w.lambda_g, help="weight of L_CLIPg (eq 10)")
@@ -233,7 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-s", type=float, default=w.lambda_s, help="weight of L_CLIPs (eq 10)")
     p.add_argument("--heads", type=int, default=d.heads, help="attention heads of the predictor")
     p.add_argument("--threshold", type=float, default=d.threshold, help="M_region = [P_region >= threshold]")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
     p.add_argument("--resume", nargs="?", const=True, default=False, type=Path, metavar="CHECKPOINT",
                    help=f"continue the run in --out (or from CHECKPOINT); default checkpoint: <out>/{CHECKPOINT}")
     p.add_argument("--workers", type=int, default=d.workers, help="data loader worker processes")
