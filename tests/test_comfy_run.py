@@ -27,10 +27,12 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from PIL import Image
 
+from xmgie_core.apps import comfy_client as cc
 from xmgie_core.apps import comfy_run as cr
+from xmgie_core.apps import comfy_workflows as cw
 
-API = Path(cr.API_DIR)
-ASSETS = Path(cr.ASSETS_DIR)
+API = Path(cw.API_DIR)
+ASSETS = Path(cw.ASSETS_DIR)
 SOURCE, MASK = "xmgie_astronaut_source.png", "xmgie_astronaut_edit.png"
 
 
@@ -50,15 +52,15 @@ def literal_changes(before: dict, after: dict) -> dict[tuple[str, str], object]:
 # --------------------------------------------------------------------------------------------------
 
 def test_every_bundled_workflow_has_one_source_loader_and_keeps_its_mask():
-    names = cr.bundled_workflows()
+    names = cw.bundled_workflows()
     assert "xmgie_region_edit" in names and len(names) >= 5
     for name in names:
         prompt = bundled(name)
-        source = cr.find_source_loader(prompt, name)
+        source = cw.find_source_loader(prompt, name)
         assert prompt[source]["inputs"]["image"] == SOURCE, name
-        out = cr.set_source_image(prompt, "mine.png", name)
+        out = cw.set_source_image(prompt, "mine.png", name)
         assert literal_changes(prompt, out) == {(source, "image"): "mine.png"}, name
-        others = cr.other_loader_images(prompt, source)
+        others = cw.other_loader_images(prompt, source)
         assert set(others.values()) <= {MASK}, name
         companions = cr.companion_images(prompt, name, API / f"{name}.json")
         assert companions == {n: ASSETS / n for n in others.values()}, name
@@ -66,7 +68,7 @@ def test_every_bundled_workflow_has_one_source_loader_and_keeps_its_mask():
 
 def test_instruction_reaches_every_literal_instruction_of_the_region_workflow():
     prompt = bundled("xmgie_region_edit")
-    out = cr.set_instruction(prompt, "make the sky purple", "xmgie_region_edit")
+    out = cw.set_instruction(prompt, "make the sky purple", "xmgie_region_edit")
     targets = {(nid, "instruction") for nid, n in prompt.items()
                if n["class_type"] in ("XMGIEInstruction", "XMGIERegionPredictor", "XMGIEMGIEGuidance")
                and isinstance(n["inputs"].get("instruction"), str)}
@@ -76,13 +78,13 @@ def test_instruction_reaches_every_literal_instruction_of_the_region_workflow():
 
 
 def test_instruction_reaches_mgie_guidance():
-    out = cr.set_instruction(bundled("xmgie_mgie_edit"), "add snow", "xmgie_mgie_edit")
+    out = cw.set_instruction(bundled("xmgie_mgie_edit"), "add snow", "xmgie_mgie_edit")
     assert [n["inputs"]["instruction"] for n in out.values() if n["class_type"] == "XMGIEMGIEGuidance"] == ["add snow"]
 
 
 def test_seed_and_steps_go_to_the_samplers_only():
     prompt = bundled("xmgie_region_edit")
-    out = cr.apply_overrides(prompt, "xmgie_region_edit", seed=7, steps=3, checkpoint="tiny.safetensors")
+    out = cw.apply_overrides(prompt, "xmgie_region_edit", seed=7, steps=3, checkpoint="tiny.safetensors")
     pfb = next(nid for nid, n in prompt.items() if n["class_type"] == "XMGIEPFBSampler")
     loader = next(nid for nid, n in prompt.items() if n["class_type"] == "CheckpointLoaderSimple")
     # the Region Predictor's and the Instruction node's own seed / steps are not sampler settings
@@ -91,10 +93,10 @@ def test_seed_and_steps_go_to_the_samplers_only():
 
 def test_seed_and_steps_of_the_custom_sampler_nodes():
     prompt = bundled("xmgie_mgie_edit")
-    out = cr.apply_overrides(prompt, "xmgie_mgie_edit", seed=11, steps=4)
+    out = cw.apply_overrides(prompt, "xmgie_mgie_edit", seed=11, steps=4)
     changed = {(prompt[nid]["class_type"], key): value for (nid, key), value in literal_changes(prompt, out).items()}
     assert changed == {("RandomNoise", "noise_seed"): 11, ("BasicScheduler", "steps"): 4}
-    ks = cr.apply_overrides(bundled("xmgie_cam_edit"), "xmgie_cam_edit", seed=5, steps=2)
+    ks = cw.apply_overrides(bundled("xmgie_cam_edit"), "xmgie_cam_edit", seed=5, steps=2)
     assert [(n["inputs"]["seed"], n["inputs"]["steps"]) for n in ks.values() if n["class_type"] == "KSampler"] == [(5, 2)]
 
 
@@ -105,17 +107,17 @@ def test_seed_and_steps_of_the_custom_sampler_nodes():
     ("xmgie_pfb_edit", {"instruction": "add a hat"}, "--instruction"),
 ])
 def test_an_override_without_a_target_is_an_error_naming_the_workflow(workflow, override, flag):
-    with pytest.raises(cr.OverrideError) as e:
-        cr.apply_overrides(bundled(workflow), workflow, **override)
+    with pytest.raises(cw.OverrideError) as e:
+        cw.apply_overrides(bundled(workflow), workflow, **override)
     assert flag in str(e.value) and workflow in str(e.value)
 
 
 def test_linked_inputs_are_not_overridden():
     prompt = {"1": {"class_type": "PrimitiveInt", "inputs": {"value": 3}},
               "2": {"class_type": "KSampler", "inputs": {"seed": ["1", 0], "steps": 20}}}
-    with pytest.raises(cr.OverrideError, match="--seed: workflow w.json"):
-        cr.set_seed(prompt, 9, "w.json")
-    assert cr.set_steps(prompt, 2, "w.json")["2"]["inputs"] == {"seed": ["1", 0], "steps": 2}
+    with pytest.raises(cw.OverrideError, match="--seed: workflow w.json"):
+        cw.set_seed(prompt, 9, "w.json")
+    assert cw.set_steps(prompt, 2, "w.json")["2"]["inputs"] == {"seed": ["1", 0], "steps": 2}
 
 
 def test_companion_images_of_an_own_workflow(tmp_path):
@@ -131,30 +133,30 @@ def test_source_loader_by_wiring_and_ambiguity():
     prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
               "2": {"class_type": "LoadImage", "inputs": {"image": "b.png"}},
               "3": {"class_type": "XMGIEGBCompositor", "inputs": {"edited": ["2", 0], "mask": ["2", 1], "source": ["1", 0]}}}
-    assert cr.find_source_loader(prompt, "w") == "1"
+    assert cw.find_source_loader(prompt, "w") == "1"
     del prompt["3"]
-    with pytest.raises(cr.OverrideError, match="workflow w has 2 LoadImage nodes"):
-        cr.find_source_loader(prompt, "w")
-    with pytest.raises(cr.OverrideError, match="--image: workflow w has no LoadImage"):
-        cr.find_source_loader({"1": {"class_type": "SaveImage", "inputs": {}}}, "w")
+    with pytest.raises(cw.OverrideError, match="workflow w has 2 LoadImage nodes"):
+        cw.find_source_loader(prompt, "w")
+    with pytest.raises(cw.OverrideError, match="--image: workflow w has no LoadImage"):
+        cw.find_source_loader({"1": {"class_type": "SaveImage", "inputs": {}}}, "w")
 
 
 def test_resolve_and_load_workflows(tmp_path):
-    assert cr.resolve_workflow("xmgie_region_edit") == API / "xmgie_region_edit.json"
-    assert cr.resolve_workflow("xmgie_region_edit.json") == API / "xmgie_region_edit.json"
+    assert cw.resolve_workflow("xmgie_region_edit") == API / "xmgie_region_edit.json"
+    assert cw.resolve_workflow("xmgie_region_edit.json") == API / "xmgie_region_edit.json"
     own = tmp_path / "own.json"
     own.write_text(json.dumps(bundled("xmgie_gb_composite")))
-    assert cr.load_workflow(cr.resolve_workflow(str(own))) == bundled("xmgie_gb_composite")
-    with pytest.raises(cr.UsageError, match="xmgie_region_edit"):  # lists the bundled names
-        cr.resolve_workflow("no_such_workflow")
+    assert cw.load_workflow(cw.resolve_workflow(str(own))) == bundled("xmgie_gb_composite")
+    with pytest.raises(cc.UsageError, match="xmgie_region_edit"):  # lists the bundled names
+        cw.resolve_workflow("no_such_workflow")
     ui = tmp_path / "ui.json"
     ui.write_text((API.parent / "xmgie_region_edit.json").read_text())
-    with pytest.raises(cr.UsageError, match="UI-format"):
-        cr.load_workflow(ui)
+    with pytest.raises(cc.UsageError, match="UI-format"):
+        cw.load_workflow(ui)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(cr.UsageError, match="cannot read workflow"):
-        cr.load_workflow(bad)
+    with pytest.raises(cc.UsageError, match="cannot read workflow"):
+        cw.load_workflow(bad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,18 +174,18 @@ def test_expand_images(tmp_path, monkeypatch):
     c = write_png(tmp_path / "d" / "sub" / "c.jpg")
     (tmp_path / "d" / "notes.txt").write_text("x")
     monkeypatch.chdir(tmp_path)
-    assert cr.expand_images(["d"]) == [Path("d/a.png"), Path("d/b.png")]  # sorted, images only, not recursive
-    assert cr.expand_images(["d/*.png", "d/a.png"]) == [Path("d/a.png"), Path("d/b.png")]  # no repeats
-    assert cr.expand_images(["d/**/*.jpg"]) == [Path("d/sub/c.jpg")]
-    assert cr.expand_images([str(c), str(a)]) == [c, a]  # explicit order kept
-    assert cr.expand_images(["d/notes.txt"]) == [Path("d/notes.txt")]  # a named file is taken as given
-    with pytest.raises(cr.UsageError, match="file not found: d/missing.png"):
-        cr.expand_images(["d/missing.png"])
-    with pytest.raises(cr.UsageError, match="no image file matches"):
-        cr.expand_images(["d/*.webp"])
+    assert cw.expand_images(["d"]) == [Path("d/a.png"), Path("d/b.png")]  # sorted, images only, not recursive
+    assert cw.expand_images(["d/*.png", "d/a.png"]) == [Path("d/a.png"), Path("d/b.png")]  # no repeats
+    assert cw.expand_images(["d/**/*.jpg"]) == [Path("d/sub/c.jpg")]
+    assert cw.expand_images([str(c), str(a)]) == [c, a]  # explicit order kept
+    assert cw.expand_images(["d/notes.txt"]) == [Path("d/notes.txt")]  # a named file is taken as given
+    with pytest.raises(cc.UsageError, match="file not found: d/missing.png"):
+        cw.expand_images(["d/missing.png"])
+    with pytest.raises(cc.UsageError, match="no image file matches"):
+        cw.expand_images(["d/*.webp"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(cr.UsageError, match="folder empty holds no images"):
-        cr.expand_images(["empty"])
+    with pytest.raises(cc.UsageError, match="folder empty holds no images"):
+        cw.expand_images(["empty"])
     assert b.exists()
 
 
@@ -236,7 +238,7 @@ class RecordingView:
 def test_follow_a_successful_run():
     prompt = bundled("xmgie_region_edit")
     view = RecordingView()
-    cr.follow(iter(success_messages("p1", prompt)), "p1", view, prompt)
+    cc.follow(iter(success_messages("p1", prompt)), "p1", view, prompt)
     assert [e[1] for e in view.events if e[0] == "node"] == list(prompt)[1:]
     assert ("step", 1, 2) in view.events and ("step", 2, 2) in view.events
     assert all(e != ("step", 1, 9) for e in view.events), "another prompt's progress was shown"
@@ -245,23 +247,23 @@ def test_follow_a_successful_run():
 def test_follow_stops_at_the_end_of_its_prompt_and_raises_on_errors():
     prompt = bundled("xmgie_region_edit")
     messages = iter(success_messages("p1", prompt) + [error_message("p1")])
-    cr.follow(messages, "p1", None, prompt)
+    cc.follow(messages, "p1", None, prompt)
     assert next(messages)["type"] == "execution_error", "follow read past the prompt's end"
-    with pytest.raises(cr.RunFailed) as e:
-        cr.follow(iter(success_messages("p1", prompt)[:8] + [error_message("p1")]), "p1", None, prompt)
+    with pytest.raises(cc.RunFailed) as e:
+        cc.follow(iter(success_messages("p1", prompt)[:8] + [error_message("p1")]), "p1", None, prompt)
     text = str(e.value)
     assert "node 10 (XMGIEPFBSampler)" in text and "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in text
     assert "frame11.py" in text and "call11()" in text and "frame0.py" not in text  # only the last lines
     assert "frame8.py" in text and "^^^" not in text  # 8 lines, without the caret lines
     custom = error_message("p1", "3", "XMGIEInstruction")
     custom["data"]["exception_type"] = "/comfy/custom_nodes/xmgie.xmgie_core.errors.XMGIEInputError"
-    assert cr.format_execution_error(custom["data"]).startswith(
+    assert cc.format_execution_error(custom["data"]).startswith(
         "ComfyUI failed at node 3 (XMGIEInstruction): XMGIEInputError: mat1")
-    with pytest.raises(cr.RunFailed, match="interrupted the run at node 4"):
-        cr.follow(iter([{"type": "execution_interrupted", "data": {"prompt_id": "p1", "node_id": "4",
+    with pytest.raises(cc.RunFailed, match="interrupted the run at node 4"):
+        cc.follow(iter([{"type": "execution_interrupted", "data": {"prompt_id": "p1", "node_id": "4",
                                                                     "node_type": "XMGIERegionPredictor"}}]), "p1")
-    with pytest.raises(cr.RunFailed, match="websocket closed before prompt p1 finished"):
-        cr.follow(iter(success_messages("p1", prompt)[:-1]), "p1")
+    with pytest.raises(cc.RunFailed, match="websocket closed before prompt p1 finished"):
+        cc.follow(iter(success_messages("p1", prompt)[:-1]), "p1")
 
 
 BAD_CHECKPOINT = {
@@ -277,7 +279,7 @@ BAD_CHECKPOINT = {
 
 
 def test_format_rejection():
-    text = cr.format_rejection(BAD_CHECKPOINT)
+    text = cc.format_rejection(BAD_CHECKPOINT)
     assert text.splitlines() == [
         "ComfyUI rejected the prompt: Prompt outputs failed validation",
         "  node 10 (XMGIEPFBSampler):",
@@ -286,7 +288,7 @@ def test_format_rejection():
         "    - Value not in list: ckpt_name: 'bad.safetensors' not in ['tiny.safetensors']"]
     no_outputs = {"error": {"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": ""},
                   "node_errors": []}
-    assert cr.format_rejection(no_outputs) == "ComfyUI rejected the prompt: Prompt has no outputs"
+    assert cc.format_rejection(no_outputs) == "ComfyUI rejected the prompt: Prompt has no outputs"
 
 
 def test_progress_view_on_a_terminal_and_in_a_log():
@@ -296,7 +298,7 @@ def test_progress_view_on_a_terminal_and_in_a_log():
 
     prompt = bundled("xmgie_region_edit")
     tty = Tty()
-    view = cr.ProgressView("photo.png", prompt, tty)
+    view = cc.ProgressView("photo.png", prompt, tty)
     view.node("10")
     view.step(1, 4)
     view.step(3, 4)
@@ -306,7 +308,7 @@ def test_progress_view_on_a_terminal_and_in_a_log():
     view.close()
     assert "photo.png: node 10 XMGIEPFBSampler" in tty.getvalue() and "3/4" in tty.getvalue()
     log = io.StringIO()
-    view = cr.ProgressView("photo.png", prompt, log)
+    view = cc.ProgressView("photo.png", prompt, log)
     view.node("4")
     view.step(1, 4)
     view.close()
@@ -349,7 +351,7 @@ def object_info_of_bundled_workflows(input_files: Callable[[], list[str]]) -> di
     `input_files` lists the server's input folder, as LoadImage's list does.
     """
     uses: dict[str, list[set]] = {}
-    for name in cr.bundled_workflows():
+    for name in cw.bundled_workflows():
         for node in bundled(name).values():
             uses.setdefault(node["class_type"], []).append(set(node["inputs"]))
     specs = {"ckpt_name": [["tiny.safetensors", "v1-5-pruned-emaonly.safetensors"], {}],
@@ -553,7 +555,7 @@ class FakeComfy:
     # --- plans ------------------------------------------------------------------------------------
 
     def source_size(self, prompt: dict) -> tuple[int, int]:
-        name = prompt[cr.find_source_loader(prompt, "fake")]["inputs"]["image"]
+        name = prompt[cw.find_source_loader(prompt, "fake")]["inputs"]["image"]
         return Image.open(io.BytesIO(self.input[name])).size
 
     def succeed(self, prompt: dict, prompt_id: str) -> tuple:
@@ -784,14 +786,14 @@ def test_an_output_folder_that_cannot_be_made_is_a_usage_error(fake, photos, tmp
 
 
 def test_websocket_url():
-    assert cr.ComfyClient("http://127.0.0.1:8188/").websocket_url().startswith("ws://127.0.0.1:8188/ws?clientId=")
-    assert cr.ComfyClient("https://127.0.0.1/comfy").websocket_url().startswith("wss://127.0.0.1/comfy/ws?clientId=")
+    assert cc.ComfyClient("http://127.0.0.1:8188/").websocket_url().startswith("ws://127.0.0.1:8188/ws?clientId=")
+    assert cc.ComfyClient("https://127.0.0.1/comfy").websocket_url().startswith("wss://127.0.0.1/comfy/ws?clientId=")
 
 
 def test_prompts_are_not_shared_between_images():
     prompt = bundled("xmgie_region_edit")
     before = copy.deepcopy(prompt)
-    a, b = cr.set_source_image(prompt, "a.png", "w"), cr.set_source_image(prompt, "b.png", "w")
+    a, b = cw.set_source_image(prompt, "a.png", "w"), cw.set_source_image(prompt, "b.png", "w")
     assert prompt == before and a["1"]["inputs"]["image"] == "a.png" and b["1"]["inputs"]["image"] == "b.png"
 
 

@@ -29,6 +29,8 @@ from PIL import Image
 from scipy import ndimage
 
 from fixtures.workflow_nodes import node_of  # noqa: F401  (the host tests use harness.node_of)
+from xmgie_core.apps.comfy_client import ComfyClient as ApiClient
+from xmgie_core.apps.comfy_client import StoppedWaiting, websocket_messages
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
@@ -406,34 +408,31 @@ class ComfyServer:
             self.process.wait(timeout=20)
 
 
-class ComfyClient:
-    """Minimal client for ComfyUI's HTTP + websocket API (docs/comfyui-internals.md §7.1, §7.2)."""
+class ComfyClient(ApiClient):
+    """The host tier's HTTP client: the runner's own (xmgie_core.apps.comfy_client) for transport, the websocket and
+    the history, plus what tests need: name-keeping uploads, assertions carrying the server's log tail."""
 
     name = "http"
 
     def __init__(self, server: ComfyServer) -> None:
-        import requests
-
+        super().__init__(server.url)
         self.server = server
-        self.url = server.url
-        self.client_id = str(uuid.uuid4())
-        self.http = requests.Session()
 
     def get(self, path: str, **params: Any) -> Any:
         """GET `path` (a requests.Response), asserting status 200 (message carries the server log tail)."""
-        r = self.http.get(self.url + path, params=params or None, timeout=60)
+        r = self._request("GET", path, params=params or None)
         assert r.status_code == 200, f"GET {path} -> {r.status_code}: {r.text[:500]}\n{self.server.log_tail()}"
         return r
 
-    def object_info(self, node_class: str | None = None) -> dict:
+    def node_info(self, node_class: str | None = None) -> dict:
         """GET /object_info (all nodes) or /object_info/{class}."""
         return self.get("/object_info" + (f"/{node_class}" if node_class else "")).json()
 
     def upload_image(self, path: Path, name: str | None = None, overwrite: bool = True) -> dict:
-        """POST /upload/image into the input folder; returns {"name","subfolder","type"}."""
+        """POST /upload/image into the input folder under the file's own name; returns {"name","subfolder","type"}."""
         with open(path, "rb") as f:
-            r = self.http.post(self.url + "/upload/image", files={"image": (name or path.name, f, "image/png")},
-                               data={"type": "input", "overwrite": "true" if overwrite else "false"}, timeout=60)
+            r = self._request("POST", "/upload/image", files={"image": (name or path.name, f, "image/png")},
+                              data={"type": "input", "overwrite": "true" if overwrite else "false"})
         assert r.status_code == 200, f"upload of {path} -> {r.status_code}: {r.text[:500]}\n{self.server.log_tail()}"
         return r.json()
 
@@ -446,48 +445,34 @@ class ComfyClient:
     def queue_prompt(self, prompt: dict, extra_data: dict | None = None) -> str:
         """POST /prompt; returns the prompt id or raises PromptFailed with ComfyUI's node_errors."""
         body = {"prompt": prompt, "client_id": self.client_id, "extra_data": extra_data or {}}
-        r = self.http.post(self.url + "/prompt", json=body, timeout=60)
+        r = self._request("POST", "/prompt", json=body)
         if r.status_code != 200:
             raise PromptFailed(f"POST /prompt -> {r.status_code}: {r.text[:4000]}\n{self.server.log_tail()}")
         return r.json()["prompt_id"]
 
     def get_history(self, prompt_id: str) -> dict:
-        """GET /history/{id} -> that prompt's entry ({} while it has not finished)."""
-        return self.get(f"/history/{prompt_id}").json().get(prompt_id, {})
+        return self.history(prompt_id)
 
     def get_image(self, image: dict) -> bytes:
-        """GET /view for one {"filename","subfolder","type"} entry of a history output."""
-        return self.get("/view", filename=image["filename"], subfolder=image.get("subfolder", ""),
-                         type=image.get("type", "output")).content
+        return self.download(image)
 
     def read_image(self, image: dict) -> np.ndarray:
-        return decode_png(self.get_image(image))
+        return decode_png(self.download(image))
 
     def wait(self, ws: Any, prompt_id: str, timeout: float) -> None:
         """Read websocket messages until this prompt is done (executing node=None); raise on error."""
-        import websocket
-
-        deadline = time.monotonic() + timeout
         errors: list = []
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise PromptFailed(f"prompt {prompt_id} did not finish within {timeout:.0f}s\n{self.server.log_tail()}")
-            ws.settimeout(min(left, 30.0))
-            try:
-                frame = ws.recv()
-            except websocket.WebSocketTimeoutException:
-                continue
-            if not isinstance(frame, str):
-                continue  # binary preview frames
-            msg = json.loads(frame)
-            data = msg.get("data") or {}
-            if data.get("prompt_id") != prompt_id:
-                continue
-            if msg["type"] in ("execution_error", "execution_interrupted"):
-                errors.append((msg["type"], data))
-            elif msg["type"] == "executing" and data.get("node") is None:
-                break
+        try:
+            for msg in websocket_messages(ws, prompt_id, timeout):
+                data = msg.get("data") or {}
+                if data.get("prompt_id") != prompt_id:
+                    continue
+                if msg["type"] in ("execution_error", "execution_interrupted"):
+                    errors.append((msg["type"], data))
+                elif msg["type"] == "executing" and data.get("node") is None:
+                    break
+        except StoppedWaiting as e:
+            raise PromptFailed(f"{e}\n{self.server.log_tail()}") from None
         if errors:
             raise PromptFailed("prompt failed: " + describe_failure(errors) + "\n" + self.server.log_tail())
 
@@ -495,8 +480,7 @@ class ComfyClient:
         """Queue a prompt, wait for it over the websocket, and return its history outputs."""
         import websocket
 
-        ws = websocket.create_connection(f"ws://127.0.0.1:{self.server.port}/ws?clientId={self.client_id}",
-                                         timeout=30)
+        ws = websocket.create_connection(self.websocket_url(), timeout=30)
         try:
             prompt_id = self.queue_prompt(prompt, extra_data)
             self.wait(ws, prompt_id, timeout)

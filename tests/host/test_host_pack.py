@@ -28,7 +28,7 @@ def test_pack_loads_through_comfyui_loader(comfy_host, pack):
 
 def test_object_info_lists_every_node_with_category_and_tooltips(comfy_client, pack):
     """GET /object_info: category "xMGIE/...", a tooltip on every input and every output."""
-    info = comfy_client.object_info()
+    info = comfy_client.node_info()
     problems = []
     for name in sorted(pack.NODE_CLASS_MAPPINGS):
         if name not in info:
