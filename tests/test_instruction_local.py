@@ -15,6 +15,7 @@ from fixtures.tiny_vlm import IMAGE_TOKEN, NUM_IMAGE_TOKENS, json_emitting, save
 from xmgie_core.errors import XMGIEInputError
 from xmgie_core.instruction import local
 from xmgie_core.instruction.local import GenerationSettings, LocalVLM, local_plan, loaded_folders, unload
+from xmgie_core.model_cache import MODELS
 from xmgie_core.instruction.rules import rules_plan
 
 INSTRUCTION = "give the astronaut a red scarf"
@@ -126,16 +127,15 @@ def test_the_model_is_freed_unless_kept_loaded(planning_model):
     assert loaded_folders() == []
     local_plan(image(2), INSTRUCTION, planning_model, GenerationSettings(), keep_loaded=True)
     assert loaded_folders() == [planning_model]
-    kept = local._LOADED[planning_model]
     local_plan(image(3), INSTRUCTION, planning_model, GenerationSettings(), keep_loaded=True)
-    assert local._LOADED[planning_model] is kept  # reused, not loaded again
+    assert MODELS.get(("local-vlm", planning_model), lambda: pytest.fail("loaded again")) is not None  # reused
     unload()
-    assert loaded_folders() == [] and not hasattr(kept, "model")
+    assert loaded_folders() == [] and MODELS.keys("local-vlm") == []
 
 
 @pytest.mark.parametrize("damage, message", [
     ("missing", "Model folder not found: .* under ComfyUI/models/LLM/"),
-    ("pickled", r"missing \*\.safetensors weights \(found only pytorch_model\.bin, which are not loaded"),
+    ("pickled", r"missing model\.safetensors \(found only pytorch_model\.bin: pickled weights, which xMGIE never loads"),
     ("no_config", "missing config.json"),
     ("no_tokenizer", "missing a tokenizer"),
     ("no_processor", r"missing an image processor \(preprocessor_config.json\)"),

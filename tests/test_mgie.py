@@ -435,7 +435,7 @@ def test_non_mgie_folder_and_missing_folder(tmp_path, img_folder):
 def test_bin_only_folder_refused(img_folder, tmp_path):
     folder = _copy(img_folder, tmp_path)
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    with pytest.raises(XMGIEInputError, match="found only pytorch_model.bin: pickle files are never loaded"):
+    with pytest.raises(XMGIEInputError, match="found only pytorch_model.bin: pickled weights, which xMGIE never loads"):
         check_mgie_folder(folder)
     with pytest.raises(XMGIEInputError, match="pytorch_model.bin"):
         load_mgie_folder(folder)

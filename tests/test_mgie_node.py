@@ -12,9 +12,9 @@ from fixtures.tiny_mgie import INSTRUCTION, TEXT, save_tiny_mgie
 from xmgie_core.mgie.folder import load_mgie_folder
 
 
-def loaded(pack) -> dict:
-    """The model cache of the pack's own copy of xmgie_core (the one the node uses)."""
-    return sys.modules[f"{pack.__name__}.xmgie_core.mgie.folder"]._LOADED
+def loaded(pack) -> list:
+    """The MGIE entries of the model cache of the pack's own copy of xmgie_core (the one the node uses)."""
+    return sys.modules[f"{pack.__name__}.xmgie_core.model_cache"].MODELS.keys("mgie")
 
 
 @pytest.fixture(scope="module")

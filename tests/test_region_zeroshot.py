@@ -14,10 +14,10 @@ from diffusers import DDIMScheduler
 
 from fixtures.tiny_clipseg import save_tiny_clipseg
 from xmgie_core.errors import XMGIEInputError
+from xmgie_core.model_cache import MODELS
 from xmgie_core.hosts.diffusers.region import (AttentionRecorder, diffusers_edit_attention,
                                                diffusers_noise_difference)
 from xmgie_core.hosts.diffusers.unet import cross_attention_processors
-from xmgie_core.region import clipseg
 from xmgie_core.region.clipseg import clipseg_probabilities, load_clipseg, unload_clipseg
 from xmgie_core.region.zeroshot import (AttentionMaps, attend_and_record, denoising_timesteps,
                                         noise_difference_map, noise_difference_timesteps, seeded_noise)
@@ -323,9 +323,9 @@ def test_clipseg_several_phrases_are_the_max_of_single_phrases(clipseg_dir):
 
 def test_clipseg_unload(clipseg_dir):
     load_clipseg(clipseg_dir)
-    assert clipseg_dir.resolve() in clipseg._LOADED
+    assert ("clipseg", clipseg_dir.resolve()) in MODELS.keys("clipseg")
     unload_clipseg(clipseg_dir)
-    assert clipseg_dir.resolve() not in clipseg._LOADED
+    assert ("clipseg", clipseg_dir.resolve()) not in MODELS.keys("clipseg")
 
 
 def test_clipseg_missing_folder(tmp_path):

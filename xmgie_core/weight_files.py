@@ -124,6 +124,28 @@ def check_model_folder(folder: Path, what: str) -> None:
             check_json(path, what)
 
 
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def missing_safetensors(directory: Path, names: set[str]) -> str | None:
+    """None when `directory` (whose file names are `names`) holds a transformers model's safetensors weights:
+    model.safetensors, or an index with all its shards; else what is missing, naming pickled weights found instead
+    (the pack never unpickles weights: that can run code)."""
+    if "model.safetensors.index.json" in names:
+        try:
+            shards = set(json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"a readable model.safetensors.index.json ({e})"
+        absent = sorted(shards - names)
+        return f"the weight shards {absent} listed in model.safetensors.index.json" if absent else None
+    if "model.safetensors" in names:
+        return None
+    pickled = sorted(name for name in names if name.endswith(PICKLED))
+    return "model.safetensors" + (f" (found only {', '.join(pickled)}: pickled weights, which xMGIE never loads "
+                                  "because unpickling can run code; download the safetensors version of the model, or "
+                                  "convert the file to safetensors)" if pickled else "")
+
+
 LOAD_ERRORS = (OSError, EOFError, UnicodeDecodeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
 
 

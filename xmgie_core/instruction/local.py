@@ -58,10 +58,9 @@ def check_model_folder(folder: Path) -> None:
     missing = []
     if "config.json" not in files:
         missing.append("config.json")
-    if not any(name.endswith(".safetensors") for name in files):
-        pickled = sorted(name for name in files if name.endswith((".bin", ".pt", ".pth", ".ckpt")))
-        missing.append("*.safetensors weights" + (f" (found only {', '.join(pickled)}, which are not loaded: "
-                                                   "convert them to safetensors)" if pickled else ""))
+    weights = weight_files.missing_safetensors(folder, files)
+    if weights:
+        missing.append(weights)
     if not files & {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}:
         missing.append("a tokenizer (tokenizer.json / tokenizer_config.json)")
     if not files & {"preprocessor_config.json", "processor_config.json"}:

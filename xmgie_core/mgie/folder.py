@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import XMGIEInputError
 from ..model_cache import MODELS
 from ..paths import real_path
-from ..weight_files import check_model_folder, loading, read_safetensors
+from ..weight_files import check_model_folder, loading, missing_safetensors, read_safetensors
 from .edit_head import EditMapper
 from .llava import MGIE, check_parts
 from .meta import CONVERT_HINT, FORMAT, META_FILE, MGIEMeta, check_tokens
@@ -36,27 +36,6 @@ LOG = logging.getLogger("xmgie")
 
 TENSORS_FILE = "mgie.safetensors"
 VISION_DIR = "vision"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def _pickled(names: set[str]) -> list[str]:
-    return sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
-
-
-def _weights_problem(directory: Path, names: set[str], what: str) -> str | None:
-    """None when `directory` holds transformers safetensors weights (model.safetensors or an index + its shards)."""
-    if "model.safetensors" in names:
-        return None
-    if "model.safetensors.index.json" in names:
-        try:
-            shards = set(json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            return f"{what}: model.safetensors.index.json is unreadable ({e})"
-        absent = sorted(shards - names)
-        return f"{what}: the weight shards {absent} listed in model.safetensors.index.json" if absent else None
-    pickled = _pickled(names)
-    return (f"{what}: model.safetensors" + (f" (found only {', '.join(pickled)}: pickle files are never loaded, "
-                                             "for safety; convert them to safetensors)" if pickled else ""))
 
 
 def check_mgie_folder(folder: Path) -> None:
@@ -86,9 +65,9 @@ def check_mgie_folder(folder: Path) -> None:
         missing.append(f"{TENSORS_FILE} (mm_projector + edit_head tensors) in {where}/")
     if "config.json" not in names:
         missing.append(f"config.json (the LLaMA config) in {where}/")
-    problem = _weights_problem(folder, names, f"the LLaMA weights in {where}/")
+    problem = missing_safetensors(folder, names)
     if problem:
-        missing.append(problem)
+        missing.append(f"the LLaMA weights in {where}/: {problem}")
     if not names & {"tokenizer.json", "tokenizer.model"}:
         missing.append(f"the tokenizer (tokenizer.json or tokenizer.model, with tokenizer_config.json) in {where}/")
     vision = folder / VISION_DIR
@@ -99,9 +78,9 @@ def check_mgie_folder(folder: Path) -> None:
         vnames = {p.name for p in vision.iterdir()}
         if "config.json" not in vnames:
             missing.append(f"config.json (the CLIP vision config) in {where}/{VISION_DIR}/")
-        problem = _weights_problem(vision, vnames, f"the CLIP vision weights in {where}/{VISION_DIR}/")
+        problem = missing_safetensors(vision, vnames)
         if problem:
-            missing.append(problem)
+            missing.append(f"the CLIP vision weights in {where}/{VISION_DIR}/: {problem}")
         if "preprocessor_config.json" not in vnames:
             missing.append(f"preprocessor_config.json (the CLIP image processor) in {where}/{VISION_DIR}/")
     if missing:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import XMGIEInputError
-from ..weight_files import check_model_folder, check_safetensors, loading
+from ..weight_files import PICKLED, check_model_folder, check_safetensors, loading
 from .folder import load_mgie_folder
 from .llava import MGIE
 from .unet_layout import UNET_FORMAT, diffusers_unet_to_ldm
@@ -42,10 +42,6 @@ class Models:
     names: dict[str, str]
 
 
-def _pickled_only(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
-
-
 def _diffusers_folder(path: Path, sub: str, option: str, what: str, weights: str) -> Path:
     """A diffusers model folder: `path` itself or its `sub`/ (a pipeline folder), with config.json + safetensors."""
     if not path.exists():
@@ -55,7 +51,7 @@ def _diffusers_folder(path: Path, sub: str, option: str, what: str, weights: str
         raise XMGIEInputError(f"{option} {path} has no config.json (nor {sub}/config.json), so it is not a diffusers "
                               f"model folder; give {what}.")
     if not any(folder.glob("*.safetensors")):
-        pickled = _pickled_only(folder)
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED)
         found = f" (found only {', '.join(pickled)}: pickle files are never loaded, for safety; save the model with " \
                 f"safe_serialization=True)" if pickled else ""
         raise XMGIEInputError(f"{option} {folder} has no {weights}{found}; give {what}.")

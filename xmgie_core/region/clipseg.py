@@ -19,12 +19,11 @@ from ..image_io import to_rgb8
 from ..model_cache import MODELS
 from ..paths import real_path
 from ..validation import rgb_image
-from ..weight_files import check_model_folder, loading
+from ..weight_files import check_model_folder, loading, missing_safetensors
 
 CLIPSEG_FOLDER = "clipseg"
 EXAMPLE_REPO = "CIDAS/clipseg-rd64-refined"
 EXAMPLE_NAME = "clipseg-rd64-refined"
-PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 WHERE = (f"put {EXAMPLE_REPO} (config.json, model.safetensors, preprocessor_config.json and the tokenizer files) in "
          f"ComfyUI/models/{CLIPSEG_FOLDER}/{EXAMPLE_NAME}/")
 
@@ -43,12 +42,9 @@ def check_clipseg_folder(folder: Path) -> None:
         if model_type != "clipseg":
             raise XMGIEInputError(f"{folder / 'config.json'} describes a {model_type!r} model, not CLIPSeg: give the "
                                   f"folder of a CLIPSeg model ({EXAMPLE_REPO}).")
-    if not any(name.endswith(".safetensors") for name in files):
-        pickled = sorted(name for name in files if name.endswith(PICKLED))
-        missing.append("model.safetensors" + (
-            f" (found only {', '.join(pickled)}: pickled weights, which xMGIE never loads because unpickling can run "
-            "code; download the safetensors version of the model, or convert the file to safetensors)"
-            if pickled else ""))
+    weights = missing_safetensors(folder, files)
+    if weights:
+        missing.append(weights)
     if not files & {"preprocessor_config.json", "processor_config.json"}:
         missing.append("preprocessor_config.json")
     if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
