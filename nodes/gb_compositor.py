@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..xmgie_core import gb
-from .progress import comfy_progress
+from .runtime import comfy_progress
 
 
 class XMGIEGBCompositor:

@@ -11,8 +11,8 @@ from ..xmgie_core.errors import XMGIEInputError
 from ..xmgie_core.instruction.local import GenerationSettings, local_plan
 from ..xmgie_core.instruction.rules import rules_plan
 from ..xmgie_core.validation import rgb_image
-from .devices import device_and_dtype, free_device_cache
 from .model_folders import find_model_folder
+from .runtime import device_and_dtype, free_device_cache
 
 BACKENDS = ("rules", "local model")
 LLM_FOLDER = "LLM"

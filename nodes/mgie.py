@@ -9,9 +9,8 @@ import torch
 from ..xmgie_core.errors import XMGIEInputError
 from ..xmgie_core.mgie.folder import cached_mgie, unload_mgie
 from ..xmgie_core.validation import rgb_image
-from .devices import device_and_dtype, free_device_cache
 from .model_folders import find_model_folder
-from .progress import comfy_progress
+from .runtime import comfy_progress, device_and_dtype, free_device_cache
 
 
 class XMGIEMGIEGuidance:

@@ -13,7 +13,7 @@ from ..xmgie_core.identity.scoring import score_images
 from ..xmgie_core.pfb import SOURCE_MODES, PFBSettings, SourceCache
 from ..xmgie_core.validation import check_range
 from .identity import recognizer_for
-from .progress import comfy_progress
+from .runtime import comfy_progress
 
 SOURCE_CACHE = SourceCache()
 """Source features and inversions shared by every PFB node of this ComfyUI process."""

@@ -15,17 +15,15 @@ from ..xmgie_core.region.encoders import load_t5_instruction_encoder
 from ..xmgie_core.region.learned import predict_learned
 from ..xmgie_core.masks import empty_items
 from ..xmgie_core.model_cache import MODELS
-from ..xmgie_core.region.postprocess import GROW_RANGE, SMOOTH_RANGE, Finish, finish_region
+from ..xmgie_core.region.postprocess import GROW_RANGE, SMOOTH_RANGE, Finish, finish_region, region_preview
 from ..xmgie_core.region.predictor import load_predictor
-from ..xmgie_core.region.preview import region_preview
 from ..xmgie_core.region.zeroshot import spread_around, working_pixels
 from ..xmgie_core.tokens import parse_words
 from ..xmgie_core.validation import rgb_image
-from .devices import device_and_dtype, free_device_cache
 from .model_folders import find_model_file, find_model_folder, model_file_names
-from .progress import comfy_progress
 
 LOG = logging.getLogger("xmgie")
+from .runtime import comfy_progress, device_and_dtype, free_device_cache
 MODES = ("learned", "noise-difference", "attention", "clipseg")
 NONE = "none"
 DRAWS = 10

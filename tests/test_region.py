@@ -16,9 +16,8 @@ from xmgie_core.region.encoders import CLIPImageEncoder, T5InstructionEncoder
 from xmgie_core.region.learned import predict_learned
 from xmgie_core.region.multiscale import crop_boxes, multiscale_probability
 from xmgie_core.masks import empty_items
-from xmgie_core.region.postprocess import Finish, finish_region, grow_shrink, normalise
+from xmgie_core.region.postprocess import Finish, finish_region, grow_shrink, normalise, region_preview
 from xmgie_core.region.predictor import RegionConfig, RegionPredictor, load_predictor, read_config, save_predictor
-from xmgie_core.region.preview import region_preview
 
 TINY = RegionConfig(dim=32, heads=4, mlp_hidden=48, image_size=32, patch_size=8, scales=(1, 2),
                     image_encoder="tiny-clip", instruction_encoder="tiny-t5")

@@ -31,8 +31,7 @@ from ..instruction.plan import EditPlan
 from ..instruction.rules import rules_plan
 from ..pfb.settings import PFBSettings
 from ..masks import binarize, empty_items
-from ..region.postprocess import GROW_RANGE, SMOOTH_RANGE, Finish, finish_region
-from ..region.preview import region_preview
+from ..region.postprocess import GROW_RANGE, SMOOTH_RANGE, Finish, finish_region, region_preview
 from ..region.zeroshot import spread_around, working_pixels
 from ..hosts.diffusers.tokens import hf_token_positions
 from ..validation import check_range, mask_for_image, rgb_image

@@ -6,6 +6,7 @@
 `normalise` divides each image's map by its range (DiffEdit's [0, 1] normalisation; used for the U-Net modes, whose
 scores have no absolute scale); probabilities (the learned predictor, CLIPSeg) are kept as they are, so an image
 without the target stays empty. An empty result is a valid answer (nothing to edit), reported, never an error.
+`region_preview` shows the result over the photo for a glance.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from ..distance import distance_to_outside
 from ..errors import XMGIEInputError
 from ..gaussian import gaussian_blur
-from ..validation import check_finite, check_range
+from ..validation import check_finite, check_range, mask_for_image, rgb_image
 
 GROW_RANGE = (-512, 512)
 SMOOTH_RANGE = (0.0, 64.0)
@@ -68,3 +69,18 @@ def finish_region(score: torch.Tensor, height: int, width: int, finish: Finish) 
     soft = soft.clamp(0, 1)
     mask = grow_shrink((soft >= finish.threshold).float(), finish.grow)
     return mask, soft
+
+
+TINT = (1.0, 0.15, 0.1)
+
+
+def region_preview(image: torch.Tensor, mask: torch.Tensor, soft: torch.Tensor, opacity: float = 0.55) -> torch.Tensor:
+    """IMAGE [B, H, W, 3]: inside the mask, the photo blended towards red by opacity * soft (at least half of it);
+    outside, the photo at 60 % brightness. mask/soft [B or 1, H, W] at the image's size."""
+    rgb = rgb_image(image).float()
+    m = mask_for_image(mask, rgb, "region mask").float()[..., None]
+    s = mask_for_image(soft, rgb, "region probability").float()[..., None]
+    tint = torch.tensor(TINT, dtype=rgb.dtype, device=rgb.device)
+    a = opacity * torch.maximum(s, torch.full_like(s, 0.5))
+    inside = rgb * (1 - a) + tint * a
+    return (m * inside + (1 - m) * rgb * 0.6).clamp(0, 1)

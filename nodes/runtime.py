@@ -1,7 +1,9 @@
-"""Where the pack's own models (local VLM, MGIE, region predictor, CLIPSeg) run inside ComfyUI, and handing memory
-back after them."""
+"""The ComfyUI runtime the nodes use: where the pack's own models (local VLM, MGIE, region predictor, CLIPSeg) run,
+handing memory back after them, and a progress bar with interrupt checks for xmgie_core's long loops."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -26,3 +28,24 @@ def free_device_cache() -> None:
     except ImportError:
         return
     mm.soft_empty_cache()
+
+
+def comfy_progress() -> Callable[[int, int], None] | None:
+    """progress(done, total): advances a comfy.utils.ProgressBar and raises if the user interrupted.
+
+    None outside ComfyUI (the core then runs without reporting).
+    """
+    try:
+        import comfy.model_management
+        import comfy.utils
+    except ImportError:
+        return None
+    bar: list = []
+
+    def progress(done: int, total: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if not bar:
+            bar.append(comfy.utils.ProgressBar(total))
+        bar[0].update_absolute(done, total)
+
+    return progress
