@@ -9,8 +9,8 @@ import torch
 from ..xmgie_core import cam
 from ..xmgie_core.masks import RegionPyramid, is_empty
 from ..xmgie_core.errors import XMGIEInputError
-from ..xmgie_core.hosts.comfy.cam import (CAMSpec, CrossAttentionMaskPatch, PromptEncoding, install,
-                                          running_workflows, workflow_texts)
+from ..xmgie_core.hosts.comfy.cam import CAMSpec, CrossAttentionMaskPatch, install
+from ..xmgie_core.hosts.comfy.cam_prompt import PromptEncoding, running_workflows, workflow_texts
 from ..xmgie_core.hosts.comfy.tokens import comfy_token_positions
 from ..xmgie_core.validation import check_percent_window, check_range
 

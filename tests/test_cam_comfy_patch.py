@@ -18,8 +18,8 @@ from xmgie_core.attention import stock_attention
 from xmgie_core.cam import TokenRestriction, masked_cross_attention
 from xmgie_core.masks import RegionPyramid
 from xmgie_core.errors import XMGIEInputError
-from xmgie_core.hosts.comfy.cam import (CAMSpec, CrossAttentionMaskPatch, PromptEncoding, chunk_rows, install,
-                                        workflow_texts)
+from xmgie_core.hosts.comfy.cam import CAMSpec, CrossAttentionMaskPatch, chunk_rows, install
+from xmgie_core.hosts.comfy.cam_prompt import PromptEncoding, workflow_texts
 
 HEADS, C, CTX = 2, 16, 12
 
