@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
 from fixtures import tiny_models
-
-ROOT = Path(__file__).resolve().parent.parent
+from fixtures.pack import load_pack
 
 # CI reruns the same examples every time (a failure there reproduces); local runs keep exploring.
 settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
-
-
-def load_pack(name: str = "xmgie_pack"):
-    """Import the repository as a package (as ComfyUI does) so nodes/ relative imports resolve."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")

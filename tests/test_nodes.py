@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from conftest import load_pack
+from fixtures.pack import load_pack
 
 
 def test_every_node_is_mapped_with_a_display_name(pack):
