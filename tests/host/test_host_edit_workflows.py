@@ -62,7 +62,7 @@ def test_edit_workflow_on_a_photo_larger_than_the_working_size(serverless_runner
     name = serverless_runner.provide_input(path)
     prompt = tiny_edit_prompt(EDIT, tiny_checkpoint.name, 7, image=name)
     crop_id, crop = harness.node_of(prompt, "XMGIECropForEdit")
-    prompt["92"] = {"class_type": "SaveImage", "inputs": {"images": [crop_id, 0], "filename_prefix": "xmgie_crop"}}
+    prompt["92"] = {"class_type": "PreviewImage", "inputs": {"images": [crop_id, 0]}}
     run, _ = run_and_check(serverless_runner, prompt, "xmgie_edit_large", np.array(big))
     (seen,) = [serverless_runner.read_image(image) for image in run.images("92")]
     working = crop["inputs"]["working_size"]
