@@ -69,11 +69,11 @@ def test_learned_mode_from_models_xmgie(comfy_host, comfy_clip_vision, tmp_path)
     mask, soft, preview = node.predict(torch.rand(2, 40, 52, 3), **args)["result"]
     assert mask.shape == soft.shape == (2, 40, 52) and preview.shape == (2, 40, 52, 3)
     assert torch.equal(mask, (soft >= 0.5).float())
-    module = sys.modules[cls.__module__]
+    models = sys.modules[cls.__module__.replace("nodes.region_predictor", "xmgie_core.model_cache")].MODELS
     node.predict(torch.rand(1, 32, 32, 3), **{**args, "keep_loaded": True})
-    assert len(module._LEARNED) == 1
+    assert len(models.keys("region-learned")) == 1
     node.predict(torch.rand(1, 32, 32, 3), **args)
-    assert len(module._LEARNED) == 0
+    assert len(models.keys("region-learned")) == 0
     with pytest.raises(ValueError, match="'missing.safetensors' not found in ComfyUI/models/xmgie"):
         node.predict(torch.rand(1, 32, 32, 3), **{**args, "predictor": "missing.safetensors"})
 
