@@ -99,19 +99,25 @@ def test_a_workflow_with_a_mask_loader_keeps_the_servers_files(comfy_server, tmp
     of the same names already in the server's input folder are not replaced (issue 18.2). --url without http://."""
     mask = harness.ASSETS_DIR / "xmgie_astronaut_edit.png"
     theirs = {SOURCE.name: b"the server's own photo", mask.name: b"the server's own mask"}
-    for name, data in theirs.items():
-        (comfy_server.base / "input" / name).write_bytes(data)
-    out = tmp_path / "out"
-    result = run_cli(comfy_server, "--workflow", "xmgie_gb_composite", "--image", str(SOURCE), "--out", str(out),
-                     "--url", comfy_server.url.removeprefix("http://"), timeout=300)
-    assert result.returncode == 0, report(result, comfy_server)
-    (saved,) = out.iterdir()
-    assert saved.name.startswith("xmgie_astronaut_source_xmgie_gb_")
-    with Image.open(saved) as img:
-        assert img.size == (512, 512)
-    assert {name: (comfy_server.base / "input" / name).read_bytes() for name in theirs} == theirs
-    for local in (SOURCE, mask):
-        assert (comfy_server.base / "input" / stored_name(local)).read_bytes() == local.read_bytes()
+    before = {name: (comfy_server.base / "input" / name) for name in theirs}
+    kept = {name: path.read_bytes() for name, path in before.items() if path.is_file()}
+    try:
+        for name, data in theirs.items():
+            before[name].write_bytes(data)
+        out = tmp_path / "out"
+        result = run_cli(comfy_server, "--workflow", "xmgie_gb_composite", "--image", str(SOURCE), "--out", str(out),
+                         "--url", comfy_server.url.removeprefix("http://"), timeout=300)
+        assert result.returncode == 0, report(result, comfy_server)
+        (saved,) = out.iterdir()
+        assert saved.name.startswith("xmgie_astronaut_source_xmgie_gb_")
+        with Image.open(saved) as img:
+            assert img.size == (512, 512)
+        assert {name: path.read_bytes() for name, path in before.items()} == theirs
+        for local in (SOURCE, mask):
+            assert (comfy_server.base / "input" / stored_name(local)).read_bytes() == local.read_bytes()
+    finally:  # the server is shared by the later host tests, which load the real samples by these names
+        for name, path in before.items():
+            path.write_bytes(kept[name]) if name in kept else path.unlink(missing_ok=True)
 
 
 def start_cli(server: harness.ComfyServer, *args: str) -> tuple[subprocess.Popen, list[str]]:
