@@ -148,3 +148,12 @@ def test_the_issue_examples_are_read_as_intended():
     every = rules_plan("make every car red")
     assert every.target_description == "a photo of the red cars"
     assert json.loads(rules_plan("Can you add a moon?").to_json())["edit_words"] == ["moon"]
+
+
+def test_the_plan_check_finds_edit_words_as_cam_does():
+    """One finder for the check and for CAM: whole words only in spaced scripts, the spelled text in unspaced ones."""
+    from xmgie_core.instruction.check import _tokens_found
+
+    assert _tokens_found("a man wearing a red scarf", "red scarf")
+    assert not _tokens_found("a man in a carpet shop", "car") and not _tokens_found("a bored scarf", "red scarf")
+    assert _tokens_found("一个戴着红色围巾的男人", "红色围巾")  # merged differently alone and in the sentence

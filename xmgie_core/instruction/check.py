@@ -19,6 +19,7 @@ import re
 from functools import lru_cache
 
 from ..errors import XMGIEInputError
+from ..tokens import find_positions, text_positions
 from .plan import EditPlan
 from .words import IRREGULAR_PLURALS, VERB_STATES, WORDS, plural
 
@@ -67,9 +68,11 @@ def clip_tokenizer():
 
 
 def _tokens_found(target: str, phrase: str) -> bool:
+    """CAM's own finder (xmgie_core.tokens): the phrase's token sequence, or the text its byte-level pieces spell."""
     tokenizer = clip_tokenizer()
-    ids, sub = tokenizer.encode(target)[:CLIP_USABLE_TOKENS], tokenizer.encode(phrase)
-    return bool(sub) and any(ids[i:i + len(sub)] == sub for i in range(len(ids) - len(sub) + 1))
+    ids, sub = [tokenizer.encode(target)[:CLIP_USABLE_TOKENS]], tokenizer.encode(phrase)
+    piece = lambda t: tokenizer.decoder.get(t, "")  # noqa: E731
+    return bool(sub) and bool(find_positions(ids, sub, set()) or text_positions(ids, sub, set(), piece))
 
 
 def _description_problem(text: str, rules: bool, allowed: set[str]) -> tuple[str, tuple[str, ...]] | None:
