@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from ..xmgie_core.errors import XMGIEInputError
+from ..xmgie_core.validation import check_range
 
 NUMBER_TYPES = ("INT", "FLOAT")
 
@@ -27,15 +28,14 @@ def numeric_specs(node_class: type) -> dict[str, dict]:
 
 
 def check_number(node: str, name: str, value: Any, options: dict) -> None:
-    """`value` must be a finite number within the widget's [min, max]."""
-    low, high = options.get("min", -math.inf), options.get("max", math.inf)
+    """`value` must be a number within the widget's [min, max] (NaN fails; every widget declares both limits, so
+    infinities fail too: the node contract test checks that)."""
     default = f" (its default is {options['default']})" if "default" in options else ""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise XMGIEInputError(f"{node}: {name} must be a number, got {value!r}. Set it on the node{default}.")
-    if not (math.isfinite(value) and low <= value <= high):
-        meaning = f" {name}: {options['tooltip']}" if options.get("tooltip") else ""
-        raise XMGIEInputError(f"{node}: {name} must be between {low:g} and {high:g}, got {value}. Set it on the node "
-                              f"within that range{default}.{meaning}")
+    meaning = f" {name}: {options['tooltip']}" if options.get("tooltip") else ""
+    check_range(value, f"{node}: {name}", options.get("min", -math.inf), options.get("max", math.inf),
+                hint=f"Set it on the node within that range{default}.{meaning}")
 
 
 def with_checked_numbers(node_class: type, display_name: str) -> type:
