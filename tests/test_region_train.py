@@ -536,3 +536,13 @@ def test_mgie_training_settings_no_run_can_use_are_refused():
                          ({"grad_clip": float("nan")}, "--grad-clip nan"), ({"seed": -5}, "--seed -5")):
         with pytest.raises(XMGIEInputError, match=rf"Invalid training settings: {flag}"):
             MGIETrainSettings(**change)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--guidance-scale", "nan"], "--guidance-scale nan"), (["--guidance-scale", "-1"], "--guidance-scale -1.0"),
+    (["--strength", "inf"], "--strength inf"), (["--seed", "-1"], "--seed -1")])
+def test_build_refuses_numbers_no_build_can_use(captioned, tmp_path, capsys, args, message):
+    out = tmp_path / "r.jsonl"
+    assert region_data.main(["build", "--captions", str(captioned), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"Invalid settings: {message}" in err and "Every number must be finite" in err and not out.exists()

@@ -40,7 +40,7 @@ from ..instruction.rules import COLOURS, rules_plan
 from ..region.data import BUILD_HINT, TEXT_FIELDS
 from ..region.encoders import square_resize
 from ..staging import overlap, staged
-from ..training import field_error, resolve
+from ..training import field_error, resolve, unusable_numbers
 
 NEW_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 """Colours the rules backend recolours objects to."""
@@ -136,7 +136,7 @@ class BuildSettings:
     generator_config: Path | None = None
     steps: int = 30
     strength: float = 0.7
-    guidance: float = 7.5
+    guidance_scale: float = 7.5
     size: int = 512
     seed: int = 0
     device: str = "cpu"
@@ -149,6 +149,10 @@ def check_build_settings(s: BuildSettings) -> None:
     if s.backend == "local" and s.model_folder is None:
         raise XMGIEInputError("--backend local needs --model-folder: a transformers VLM folder (e.g. "
                               "ComfyUI/models/LLM/Qwen2.5-VL-3B-Instruct).")
+    unusable = unusable_numbers(s) + ([f"--guidance-scale {s.guidance_scale}"] if s.guidance_scale < 0 else [])
+    if unusable:
+        raise XMGIEInputError(f"Invalid settings: {', '.join(unusable)}. Every number must be finite, the guidance "
+                              "scale >= 0 and the seed in 0..2^64-1.")
     if s.generator is not None and (s.steps < 1 or not 0 < s.strength <= 1 or s.size % 8 or s.size < 8):
         raise XMGIEInputError(f"Generator settings --steps {s.steps} --strength {s.strength} --size {s.size}: steps "
                               "must be >= 1, strength in (0, 1], size a positive multiple of 8.")
@@ -244,7 +248,7 @@ def build_records(captions_path: Path, out: Path, s: BuildSettings, overwrite: b
                                                                        desc="records")):
                 record = {"image": os.path.relpath(image, out.parent), "t_o": t_o, "t_ins": t_ins, "t_e": t_e}
                 if pipe is not None:
-                    x_gen = render(pipe, load_image(image)[0], t_e, s.size, s.steps, s.strength, s.guidance,
+                    x_gen = render(pipe, load_image(image)[0], t_e, s.size, s.steps, s.strength, s.guidance_scale,
                                    s.seed + index)
                     name = f"{index:06d}_{image.stem}.png"
                     save_image(x_gen, staged_renders / name)
