@@ -10,12 +10,12 @@ import torch
 
 from xmgie_core.masks import RegionPyramid
 from xmgie_core.errors import XMGIEInputError
-from xmgie_core.pfb import (BlendPlan, FeaturesComplete, SourceBranch, SourceCache, SourceRecord, UNetLayout,
+from xmgie_core.pfb import (BlendPlan, FeaturesComplete, SourceBranch, SourceCache, SourceRecord, BlockLayout,
                             blend_features, fingerprint, invert, latent_blend, layer_alpha, parse_layers)
 from xmgie_core.pfb.branch import FeatureRecorder
 
-SD15 = UNetLayout.from_blocks([1, 1, 1, 2, 1, 1, 2, 1, 1, 2, 1, 1], [1, 1, 2, 1, 1, 2, 1, 1, 2, 1, 1, 1])
-SDXL = UNetLayout.from_blocks([1, 1, 1, 2, 1, 1, 2, 1, 1], [1, 1, 2, 1, 1, 2, 1, 1, 1])
+SD15 = BlockLayout.from_blocks([1, 1, 1, 2, 1, 1, 2, 1, 1, 2, 1, 1], [1, 1, 2, 1, 1, 2, 1, 1, 2, 1, 1, 1])
+SDXL = BlockLayout.from_blocks([1, 1, 1, 2, 1, 1, 2, 1, 1], [1, 1, 2, 1, 1, 2, 1, 1, 1])
 
 
 def test_eq5_and_alpha_on_known_values():
@@ -44,7 +44,7 @@ def test_layouts_and_default_layers():
     assert SD15.factors["input_9"] == (4, 8) and SD15.factors["output_5"] == (4, 2) and "output_11" not in SD15.factors
     assert SDXL.default_layers() == [*(f"input_{k}" for k in range(4, 9)), "middle",
                                      *(f"output_{k}" for k in range(5))]
-    flat = UNetLayout.from_blocks([1, 1, 1], [1, 1, 1])  # the tiny test checkpoint: one level
+    flat = BlockLayout.from_blocks([1, 1, 1], [1, 1, 1])  # the tiny test checkpoint: one level
     assert flat.default_layers() == flat.names == ["input_0", "input_1", "input_2", "middle", "output_0", "output_1"]
 
 

@@ -1,7 +1,7 @@
 """Progressive Feature Blending (PFB), xMGIE [xMGIE] §3.3, eqs 5-6 (PFB-Diff), and latent blending
 ([Regions] App. A.3, eq 23).
 
-At a U-Net layer l the edit branch's features F_G are blended with the source branch's F_X of the same step:
+At a layer l (a U-Net block, or a DiT block's image tokens) the edit branch's features F_G are blended with the source branch's F_X of the same step:
 
   F_B = alpha_l * F_G + (1 - alpha_l) * F_X                                  (eq 5)
   alpha_l = M_l + (1 - M_l) * w_l                                           (spatial alpha, PFB-Diff)
@@ -12,8 +12,11 @@ the mask the latent also stays on the source trajectory for part of the schedule
 
   z = m * z_model + (1 - m) * z_src                                          (eq 23)
 
-Layers are named in ComfyUI's terms: `input_k` is the output of encoder block k after it was pushed as a skip
-(the skip stays unblended), `middle` the middle block's output, `output_k` the output of decoder block k.
+Layers are named in ComfyUI's terms. U-Net: `input_k` is the output of encoder block k after it was pushed as a
+skip (the skip stays unblended), `middle` the middle block's output, `output_k` the output of decoder block k. DiT
+(Flux, Qwen-Image): `double_k` is the generated image's tokens after double-stream (joint) block k, `single_k`
+after Flux's single-stream block k, laid out on the patchified latent's grid (text and reference-image tokens are
+never blended).
 """
 
 from __future__ import annotations
@@ -46,18 +49,19 @@ def latent_blend(z_model: torch.Tensor, z_source: torch.Tensor, mask: torch.Tens
 # ------------------------------------------------------------------------------------------ layers
 
 @dataclass(frozen=True)
-class UNetLayout:
-    """The blendable layers of a U-Net, in forward order, with the downsampling factor of each layer's
-    input and output (1 = latent resolution)."""
+class BlockLayout:
+    """The blendable layers of a model, in forward order, with the downsampling factor of each layer's
+    input and output (1 = latent resolution), and the layers `auto` selects (None: the U-Net rule)."""
 
     factors: dict[str, tuple[int, int]]
+    auto: tuple[str, ...] | None = None
 
     @property
     def names(self) -> list[str]:
         return list(self.factors)
 
     @classmethod
-    def from_blocks(cls, encoder: list[int], decoder: list[int]) -> "UNetLayout":
+    def from_blocks(cls, encoder: list[int], decoder: list[int]) -> "BlockLayout":
         """From the per-block scale changes: encoder[k] = 2 if encoder block k downsamples else 1, decoder[k]
         = 2 if decoder block k upsamples; the last decoder block feeds the output head and is not blendable."""
         factors: dict[str, tuple[int, int]] = {}
@@ -71,10 +75,21 @@ class UNetLayout:
             f //= step
         return cls(factors)
 
+    @classmethod
+    def from_dit(cls, double: int, single: int, patch: int) -> "BlockLayout":
+        """A DiT's blocks (`double_0..`, then Flux's `single_0..`), all on the patchified grid (factor `patch`).
+        `auto` is the first half of the blocks in forward order: layout and identity are settled early in a DiT,
+        and PFB's source pass then stops halfway."""
+        names = [f"double_{k}" for k in range(double)] + [f"single_{k}" for k in range(single)]
+        return cls({n: (patch, patch) for n in names}, tuple(names[:(len(names) + 1) // 2]))
+
     def default_layers(self) -> list[str]:
-        """Every layer whose input and output lie on the U-Net's two coarsest grids: SD1.5 input_7-11, middle,
+        """`auto` where the layout names it (DiT); else every layer whose input and output lie on the U-Net's two
+        coarsest grids: SD1.5 input_7-11, middle,
         output_0-4 (PFB-Diff's high-level layers, plus input_11, whose output is the middle block's input on the
         same 8x8 grid); SDXL input_4-8, middle, output_0-4; a one-level U-Net, all of them."""
+        if self.auto is not None:
+            return list(self.auto)
         coarse = sorted({f for pair in self.factors.values() for f in pair})[-2:]
         return [n for n, (a, b) in self.factors.items() if a in coarse and b in coarse]
 
@@ -88,12 +103,13 @@ class LayerBlend:
     end: float
 
 
-_ENTRY = re.compile(r"^(auto|middle|(input|output)_(\d+)(?:-(\d+))?)(?::([^@]+))?(?:@(.+))?$")
+_ENTRY = re.compile(r"^(auto|middle|(input|output|double|single)_(\d+)(?:-(\d+))?)(?::([^@]+))?(?:@(.+))?$")
 
 
-def parse_layers(spec: str, layout: UNetLayout, weight: float, end: float) -> list[LayerBlend]:
-    """Layers from a comma-separated spec: `auto` (layout.default_layers), `middle`, `input_7`, `output_0-4`,
-    each optionally `:w` (outside weight) and `@e` (end fraction), e.g. "input_7-10, middle, output_0-4:0.5@0.6".
+def parse_layers(spec: str, layout: BlockLayout, weight: float, end: float) -> list[LayerBlend]:
+    """Layers from a comma-separated spec: `auto` (layout.default_layers), `middle`, `input_7`, `output_0-4`
+    (U-Net), `double_8-14`, `single_0-9` (DiT), each optionally `:w` (outside weight) and `@e` (end fraction),
+    e.g. "input_7-10, middle, output_0-4:0.5@0.6".
     Unsuffixed entries take `weight` and `end`. A later entry for the same layer replaces an earlier one."""
     check_range(weight, "outside_weight", 0.0, 1.0, "0 = the source's features outside the mask, 1 = the edit's.")
     check_range(end, "blend_end_percent", 0.0, 1.0)
@@ -104,8 +120,8 @@ def parse_layers(spec: str, layout: UNetLayout, weight: float, end: float) -> li
         m = _ENTRY.match(entry)
         if m is None:
             raise XMGIEInputError(f"Cannot read the layer entry {entry!r}. Write names such as 'auto', 'middle', "
-                                  "'input_7', 'output_0-4', optionally with ':weight' and '@end', e.g. "
-                                  "'output_0-4:0.5@0.6'.")
+                                  "'input_7', 'output_0-4' (U-Net) or 'double_8-14', 'single_0-9' (DiT), optionally "
+                                  "with ':weight' and '@end', e.g. 'output_0-4:0.5@0.6'.")
         names = _expand(m, layout)
         w = _number(m.group(5), weight, entry, "weight")
         e = _number(m.group(6), end, entry, "end")
@@ -117,7 +133,7 @@ def parse_layers(spec: str, layout: UNetLayout, weight: float, end: float) -> li
     return [chosen[n] for n in layout.names if n in chosen]
 
 
-def _expand(m: re.Match, layout: UNetLayout) -> list[str]:
+def _expand(m: re.Match, layout: BlockLayout) -> list[str]:
     if m.group(1) == "auto":
         return layout.default_layers()
     if m.group(1) == "middle":
@@ -184,9 +200,11 @@ class BlendPlan:
             self.region.grid(h, w, device).view(-1, h, w)
         return layer_alpha(region, self.layers[layer].weight)[:, None]
 
-    def latent_mask(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        """m [B or 1, 1, h, w] for eq 23 at the latent grid (always the covered fraction: soft at the border)."""
-        return self.region.coverage(h, w, device)[:, None]
+    def latent_mask(self, h: int, w: int, device: torch.device, ndim: int = 4) -> torch.Tensor:
+        """m [B or 1, 1, h, w] for eq 23 at the latent grid (always the covered fraction: soft at the border);
+        [B or 1, 1, 1, h, w] for a 5-d latent [B, C, 1, h, w] (a video VAE's image, e.g. Qwen-Image)."""
+        m = self.region.coverage(h, w, device)[:, None]
+        return m[:, :, None] if ndim == 5 else m
 
     def blend(self, layer: str, h: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Eq 5 on a batch h [n*B, C, H, W] whose n row chunks (cond, uncond, ...) each match the source

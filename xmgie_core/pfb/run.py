@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..errors import XMGIEInputError
-from .blend import BlendPlan, UNetLayout, parse_layers
+from .blend import BlendPlan, BlockLayout, parse_layers
 from .branch import SourceBranch, SourcePass
 from .settings import PFBSettings
 from .source import fingerprint
@@ -25,13 +25,14 @@ NoiseScaling = Callable[[float, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def check_source_latent(z: torch.Tensor, channels: int, settings: PFBSettings) -> torch.Tensor:
-    """The source latent must be in the model's latent format ([B, channels, h, w]) and match the mask's batch
-    and aspect ratio."""
-    if z.ndim != 4 or z.shape[1] != channels:
+    """The source latent must be in the model's latent format ([B, channels, h, w], or [B, channels, 1, h, w] for a
+    video-VAE image model such as Qwen-Image) and match the mask's batch and aspect ratio."""
+    image = z.ndim == 4 or (z.ndim == 5 and z.shape[2] == 1)
+    if not image or z.shape[1] != channels:
         raise XMGIEInputError(
             f"The latent has shape {tuple(z.shape)} but this model works on [batch, {channels}, height, width] "
             "latents: encode the source image with this model's VAE (VAE Encode), not another model's.")
-    b, _, h, w = z.shape
+    b, h, w = z.shape[0], *z.shape[-2:]
     coverage = settings.region.coverage(h, w)  # raises on another aspect ratio
     if coverage.shape[0] not in (1, b):
         raise XMGIEInputError(f"The PFB mask has batch {coverage.shape[0]} but the latent batch is {b}; give one "
@@ -39,7 +40,7 @@ def check_source_latent(z: torch.Tensor, channels: int, settings: PFBSettings) -
     return z
 
 
-def plan(settings: PFBSettings, layout: UNetLayout, z: torch.Tensor, channels: int,
+def plan(settings: PFBSettings, layout: BlockLayout, z: torch.Tensor, channels: int,
          percent_to_sigma: Callable[[float], float]) -> BlendPlan:
     """The run's BlendPlan (layers parsed against the model's layout, eqs 5 and 23 windows in sigma), after the
     source latent's one check."""

@@ -1,10 +1,14 @@
-"""PFB on ComfyUI's U-Net: block patches with ComfyUI's signatures and a CFGGuider subclass that runs the source
-branch beside the edit (docs/comfyui-internals.md §2.1, §2.3, §2.4, §3.2, §3.5).
+"""PFB on ComfyUI's U-Nets and DiT editors: block patches with ComfyUI's signatures and a CFGGuider subclass that
+runs the source branch beside the edit (docs/comfyui-internals.md §2.1, §2.3, §2.4, §3.2, §3.5, §8).
 
-- Fusion points: `input_k` is `input_block_patch_after_skip` at block ("input", k) (h after it was pushed as a
+- Fusion points (U-Net, `unet.py`): `input_k` is `input_block_patch_after_skip` at block ("input", k) (h after it was pushed as a
   skip: the skip stays unblended); `middle` is `output_block_patch` at ("output", 0) on h; `output_k` is
   `output_block_patch` at ("output", k + 1) on h. The patches are added to a copy of the model options per pass,
   never to the MODEL.
+- Fusion points (Flux / Kontext, Qwen-Image(-Edit), `dit.py`): `double_k` / `single_k` are the generated image's
+  tokens after that block (block replace patches); text and reference-image tokens are never blended. The source
+  branch gets the positive's reference latents where its conditioning lacks them, so both branches see the same
+  reference image.
 - Per step, `predict_noise` gets the source features for this sigma (the cache, the inversion's passes, or one
   extra `calc_cond_batch` with the source conditioning alone: one row, no CFG, stopped after the deepest blended
   layer), blends them into every row of the edit's CFG pass, and keeps the latent outside the mask on the
@@ -26,18 +30,20 @@ import torch
 
 from ...pfb import BlendPlan, FeatureBlender, PFBSettings, SourceBranch, latent_blend
 from ...pfb import run as pfb_run
-from . import unet
+from . import dit, unet
 
 LOG = logging.getLogger("xmgie")
 SAMPLER_SAMPLE = "sampler_sample"
 """comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE."""
-CONCAT_KEYS = ("concat_latent_image", "concat_mask", "concat_image")
-"""Conditioning extras that feed a 9-channel inpainting / 8-channel IP2P U-Net's extra input channels."""
+CONCAT_KEYS = ("concat_latent_image", "concat_mask", "concat_image", "reference_latents", "reference_latents_method")
+"""Conditioning extras that feed a 9-channel inpainting / 8-channel IP2P U-Net's extra input channels, and a DiT
+editor's reference image (ReferenceLatent: Kontext, Qwen-Image-Edit)."""
 
 
 def source_conds(source: list | None, negative: list, positive: list) -> list:
-    """The source branch's conditioning (default: the negative), given the positive's concat inputs where it
-    lacks them, so an inpainting or IP2P U-Net gets the same extra channels on both branches."""
+    """The source branch's conditioning (default: the negative), given the positive's concat inputs and reference
+    latents where it lacks them, so an inpainting or IP2P U-Net gets the same extra channels, and a DiT editor the
+    same reference image, on both branches."""
     chosen = source if source else negative
     extras = {k: v for k, v in (positive[0][1] if positive else {}).items() if k in CONCAT_KEYS}
     return [[c[0], {**extras, **c[1]}] for c in chosen]
@@ -74,6 +80,8 @@ class _Run:
     """One sampling run's PFB state, built when the sampler starts."""
 
     plan: BlendPlan
+    hooked: Any
+    """hooked(model_options, hook, layers) -> model_options with hook(layer, h) at those layers (the family's seam)."""
     branch: SourceBranch
     source: torch.Tensor
     """The source latent in model space (z)."""
@@ -141,7 +149,7 @@ def pfb_guider_class() -> type:
                 samples = super().inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
                                                disable_pbar, seed)
                 if self.run.plan.latent_to_end:  # outside the mask: the input latent, bit for bit
-                    m = self.run.plan.latent_mask(*samples.shape[-2:], samples.device)
+                    m = self.run.plan.latent_mask(*samples.shape[-2:], samples.device, samples.ndim)
                     samples = latent_blend(samples, latent_image.to(samples), m)
                 return samples
             finally:
@@ -157,20 +165,21 @@ def pfb_guider_class() -> type:
 
         def _prepare(self, sigmas: torch.Tensor, z: torch.Tensor, model_options: dict) -> _Run:
             ms = self.inner_model.model_sampling
-            blend_plan = pfb_run.plan(self.settings, unet.layout(self.inner_model.diffusion_model), z,
-                                      self.inner_model.latent_format.latent_channels, ms.percent_to_sigma)
+            layout, hooked = fusion_points(self.inner_model.diffusion_model)
+            blend_plan = pfb_run.plan(self.settings, layout, z, self.inner_model.latent_format.latent_channels,
+                                      ms.percent_to_sigma)
             parts, keep = model_identity(self.model_patcher, model_options)
             branch = pfb_run.open_source_branch(
                 self.settings, blend_plan, z, [float(v) for v in sigmas], float(ms.sigma_min),
-                self._source_pass(model_options), (cond_content(self.conds["source"]), parts), keep,
-                comfy.model_management.intermediate_device(),
+                self._source_pass(model_options, lambda o, h: hooked(o, h, list(blend_plan.layers))),
+                (cond_content(self.conds["source"]), parts), keep, comfy.model_management.intermediate_device(),
                 lambda sigma, noise, x: ms.noise_scaling(torch.tensor(sigma, device=x.device), noise, x))
-            return _Run(blend_plan, branch, z)
+            return _Run(blend_plan, hooked, branch, z)
 
-        def _source_pass(self, model_options: dict):
+        def _source_pass(self, model_options: dict, hooked):
             def run_pass(x: torch.Tensor, sigma: float, recorder) -> torch.Tensor:
                 comfy.model_management.throw_exception_if_processing_interrupted()
-                options = unet.with_block_patch(model_options, unet.BlockPatch(recorder))
+                options = hooked(model_options, recorder)
                 timestep = x.new_full((x.shape[0],), sigma)
                 return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["source"]], x, timestep,
                                                       options)[0]
@@ -192,16 +201,26 @@ def pfb_guider_class() -> type:
             if not layers and not blending:
                 return self.guided(x, timestep, model_options, seed)
             if layers:
-                model_options = unet.with_block_patch(
-                    model_options, unet.BlockPatch(FeatureBlender(run.plan, run.branch.features(sigma), layers)))
+                model_options = run.hooked(model_options, FeatureBlender(run.plan, run.branch.features(sigma), layers),
+                                           layers)
             if blending:
-                m = run.plan.latent_mask(*x.shape[-2:], x.device)
+                m = run.plan.latent_mask(*x.shape[-2:], x.device, x.ndim)
                 x = latent_blend(x, run.branch.trajectory(sigma).to(x), m)
             denoised = self.guided(x, timestep, model_options, seed)
             return latent_blend(denoised, run.source.to(denoised), m) if blending else denoised
 
     _GUIDER.append(PFBGuider)
     return PFBGuider
+
+
+def fusion_points(diffusion_model: torch.nn.Module) -> tuple[Any, Any]:
+    """(layout, hooked) of the model's family: a U-Net's block patches or a DiT's token patches, where
+    hooked(model_options, hook, layers) returns options with hook(layer, h) at those layers."""
+    found = dit.find(diffusion_model)
+    if found is not None:
+        return found.layout(), lambda options, hook, layers: dit.with_layer_hook(options, found, hook, layers)
+    return unet.layout(diffusion_model), lambda options, hook, layers: unet.with_block_patch(options,
+                                                                                             unet.BlockPatch(hook))
 
 
 def warn_empty_mask() -> None:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ...errors import XMGIEInputError
-from ...pfb import UNetLayout
+from ...pfb import BlockLayout
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -53,7 +53,7 @@ def find_attn2(diffusion_model: torch.nn.Module, block: tuple, block_index: int)
     return found.transformer_blocks[block_index].attn2
 
 
-def layout(diffusion_model: torch.nn.Module) -> UNetLayout:
+def layout(diffusion_model: torch.nn.Module) -> BlockLayout:
     """PFB's blendable layers of the U-Net, from where it down- and upsamples."""
     require_unet(diffusion_model, "PFB blends U-Net blocks",
                  "use an SD1.x, SD2 or SDXL checkpoint (or their inpainting versions)")
@@ -61,7 +61,7 @@ def layout(diffusion_model: torch.nn.Module) -> UNetLayout:
     def scale(block: torch.nn.Module, kind: str) -> int:
         return 2 if any(type(m).__name__ == kind for m in block.modules()) else 1
 
-    return UNetLayout.from_blocks([scale(b, "Downsample") for b in diffusion_model.input_blocks],
+    return BlockLayout.from_blocks([scale(b, "Downsample") for b in diffusion_model.input_blocks],
                                   [scale(b, "Upsample") for b in diffusion_model.output_blocks])
 
 

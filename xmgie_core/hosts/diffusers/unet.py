@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ...errors import XMGIEInputError
-from ...pfb import UNetLayout
+from ...pfb import BlockLayout
 
 Hook = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -32,7 +32,7 @@ class FusionPoint:
     """True: blend the module's input (pre-hook); False: its output."""
 
 
-def fusion_points(unet: torch.nn.Module) -> tuple[UNetLayout, dict[str, FusionPoint]]:
+def fusion_points(unet: torch.nn.Module) -> tuple[BlockLayout, dict[str, FusionPoint]]:
     """The blendable layers of a UNet2DConditionModel in ComfyUI's names, and where each is blended."""
     enc_units: list[list[torch.nn.Module]] = [[unet.conv_in]]
     enc_scale = [1]
@@ -53,7 +53,7 @@ def fusion_points(unet: torch.nn.Module) -> tuple[UNetLayout, dict[str, FusionPo
             last = j == len(block.resnets) - 1 and block.upsamplers is not None
             dec_units.append(unit + ([block.upsamplers[0]] if last else []))
             dec_scale.append(2 if last else 1)
-    layout = UNetLayout.from_blocks(enc_scale, dec_scale)
+    layout = BlockLayout.from_blocks(enc_scale, dec_scale)
     points = {f"input_{k}": FusionPoint(enc_units[k + 1][0] if k + 1 < len(enc_units) else unet.mid_block, True)
               for k in range(len(enc_units))}
     points["middle"] = FusionPoint(unet.mid_block, False)
