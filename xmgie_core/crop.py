@@ -55,7 +55,8 @@ QWEN_EDIT_MULTIPLE = 16
 
 def qwen_reference_size(width: int, height: int) -> tuple[int, int]:
     """(width, height) TextEncodeQwenImageEditPlus VAE-encodes a width x height image at as the reference latent:
-    scaled to QWEN_EDIT_PIXELS, each side rounded to a multiple of 8 (ComfyUI 0.3.64 comfy_extras/nodes_qwen.py:90-93)."""
+    scaled to QWEN_EDIT_PIXELS, each side rounded to a multiple of 8 (ComfyUI 0.3.64
+    comfy_extras/nodes_qwen.py:90-93)."""
     scale = math.sqrt(QWEN_EDIT_PIXELS / (width * height))
     return round(width * scale / 8.0) * 8, round(height * scale / 8.0) * 8
 

@@ -42,7 +42,7 @@ WORKFLOWS = {  # workflow -> (family, diffusion model file, VAE file), the names
     "xmgie_kontext_edit": (td.FLUX, "flux1-dev-kontext_fp8_scaled.safetensors", "ae.safetensors"),
     "xmgie_qwen_edit": (td.QWEN, "qwen_image_edit_2509_fp8_e4m3fn.safetensors", "qwen_image_vae.safetensors"),
 }
-TEST_NODE = '''"""Test-only: a stand-in text encoder (CLIP) for FLUX.1 Kontext and Qwen-Image-Edit with the real shapes."""
+TEST_NODE = '''"""Test-only: a stand-in text encoder (CLIP) for FLUX.1 Kontext and Qwen-Image-Edit, real shapes."""
 import zlib
 
 import torch

@@ -194,7 +194,8 @@ def build(nodes: list[dict], groups: list[dict]) -> tuple[dict, dict]:
         outputs = []
         for slot, (name, kind) in enumerate(outs):
             used = [l[0] for l in links if l[1] == n["id"] and l[2] == slot]
-            outputs.append({"name": name, "type": kind, "links": used or None, **({"slot_index": slot} if used else {})})
+            outputs.append({"name": name, "type": kind, "links": used or None,
+                            **({"slot_index": slot} if used else {})})
         values = [n["widgets"].get(w, "fixed" if w.endswith(":control_after_generate") else None)
                   for w in widget_names]
         assert None not in values, f"node {n['id']} lacks a widget value: {widget_names} {n['widgets']}"
