@@ -2,6 +2,7 @@
 
 from .crop_stitch import XMGIECropForEdit, XMGIEStitchEdit
 from .cross_attention_mask import XMGIECrossAttentionMask
+from .drift_map import XMGIEDriftMap
 from .gb_compositor import XMGIEGBCompositor
 from .identity import XMGIEIdentityScore, XMGIEIDEmbedder
 from .inputs import with_checked_numbers
@@ -24,6 +25,7 @@ NODE_CLASS_MAPPINGS = {
     "XMGIEPFBGuider": XMGIEPFBGuider,
     "XMGIEIDEmbedder": XMGIEIDEmbedder,
     "XMGIEIdentityScore": XMGIEIdentityScore,
+    "XMGIEDriftMap": XMGIEDriftMap,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -38,6 +40,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "XMGIEPFBGuider": "XMGIE PFB Guider",
     "XMGIEIDEmbedder": "XMGIE ID Embedder",
     "XMGIEIdentityScore": "XMGIE Identity Score",
+    "XMGIEDriftMap": "XMGIE Drift Map",
 }
 
 NODE_CLASS_MAPPINGS = {key: with_checked_numbers(cls, NODE_DISPLAY_NAME_MAPPINGS[key])

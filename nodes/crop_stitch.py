@@ -28,7 +28,8 @@ class XMGIECropForEdit:
     DESCRIPTION = (
         "Crop-and-stitch for large photos. The box is the bounding box of every region of the mask (one crop covers "
         "all of them), its sides times context_factor, centred on the region and kept inside the photo; it is "
-        "resized so its longer side is working_size (each side a multiple of 'multiple', aspect kept). Edit the crop, "
+        "resized so its longer side is working_size (each side a multiple of 'multiple', aspect kept), or to the DiT "
+        "editor's own size (FLUX.1 Kontext's buckets, Qwen-Image-Edit's 1 megapixel). Edit the crop, "
         "then Stitch Edit puts it back and the GB Compositor (with the full-size mask) blends it in, so pixels "
         "outside the blend zone stay the photo bit for bit."
     )
@@ -57,12 +58,21 @@ class XMGIECropForEdit:
                                           "tooltip": "A small region is enlarged at most this much; beyond it the "
                                                      "crop takes in more context instead."}),
             },
+            "optional": {
+                "editor": (list(cs.EDITORS), {"default": "sd", "tooltip": "Which model edits the crop, i.e. the "
+                           "crop's size. sd: longer side working_size, sides multiples of 'multiple' (SD1.5, SDXL). "
+                           "flux-kontext: the Kontext resolution bucket nearest the box's aspect (as "
+                           "FluxKontextImageScale picks; about 1 megapixel). qwen-image-edit: about 1 megapixel, sides "
+                           "multiples of 16, a size TextEncodeQwenImageEditPlus keeps, so its reference image lines "
+                           "up with the crop (give it the crop as image1). For the DiT editors working_size and "
+                           "multiple are not used."}),
+            },
         }
 
     def crop(self, image: torch.Tensor, mask: torch.Tensor, context_factor: float, working_size: int, multiple: str,
-             max_upscale: float) -> tuple[torch.Tensor, torch.Tensor, cs.CropGeometry]:
+             max_upscale: float, editor: str = "sd") -> tuple[torch.Tensor, torch.Tensor, cs.CropGeometry]:
         geometry = cs.plan_crop(mask_for_image(mask, image), context_factor, working_size, int(multiple),
-                                max_upscale, photo=image)
+                                max_upscale, photo=image, editor=editor)
         if geometry.empty:
             LOG.warning("xMGIE Crop For Edit: the mask is empty; cropping the whole photo (nothing will be edited).")
         return cs.crop_image(image, geometry), cs.crop_mask(mask, geometry, image), geometry

@@ -264,3 +264,93 @@ def test_stitch_refuses_another_photo_of_the_same_size():
     reloaded = (photo_a * 255).round() / 255  # the same photo after an 8-bit save and load
     assert torch.equal(crop.stitch(edited, reloaded, geometry)[:, :10], reloaded[:, :10])
     assert "photo" not in geometry.to_dict()
+
+
+# ------------------------------------------------------------------------------------------------
+# The DiT editors' own sizes: FLUX.1 Kontext's buckets, Qwen-Image-Edit's 1 megapixel
+# ------------------------------------------------------------------------------------------------
+
+# ComfyUI 0.3.64 comfy_extras/nodes_flux.py PREFERED_KONTEXT_RESOLUTIONS, (width, height), typed out again here
+KONTEXT_BUCKETS = [(672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
+                   (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
+                   (1456, 720), (1504, 688), (1568, 672)]
+
+
+def qwen_plus_reference(width: int, height: int) -> tuple[int, int]:
+    """TextEncodeQwenImageEditPlus's reference size (comfy_extras/nodes_qwen.py), written out independently."""
+    scale = (1024 * 1024 / (width * height)) ** 0.5
+    return round(width * scale / 8.0) * 8, round(height * scale / 8.0) * 8
+
+
+@pytest.mark.parametrize("size", [(900, 1200), (1200, 900), (3000, 4000), (700, 2600), (2048, 2048)])
+@pytest.mark.parametrize("editor", ["flux-kontext", "qwen-image-edit"])
+def test_dit_editor_work_sizes_are_the_editors_own(editor, size):
+    height, width = size
+    mask = disc_mask(height, width, [(height // 2, width // 3)], min(size) // 10)
+    geometry = crop.plan_crop(mask, editor=editor)
+    h, w = geometry.work_size
+    top, left, bottom, right = geometry.box
+    assert 0 <= top < bottom <= height and 0 <= left < right <= width
+    m_top, m_left, m_bottom, m_right = mask_bbox(mask)
+    assert top <= m_top and left <= m_left and bottom >= m_bottom and right >= m_right, "box cuts the region"
+    bh, bw = geometry.box_size
+    if editor == "flux-kontext":
+        assert (w, h) in KONTEXT_BUCKETS
+        # FluxKontextImageScale's choice for the box's aspect is this bucket (so it would keep the crop's size)
+        assert min(KONTEXT_BUCKETS, key=lambda b: (abs(bw / bh - b[0] / b[1]), b)) == (w, h)
+    else:
+        assert h % 16 == 0 and w % 16 == 0 and abs(h * w / 2**20 - 1) < 0.01
+        assert qwen_plus_reference(w, h) == (w, h), "the Plus node would resize this crop for its reference"
+    if bh < height and bw < width:  # not clamped by the photo: the box has the work size's aspect
+        assert abs(bw / bh - w / h) <= (0.5 + 0.5 * w / h) / bh + 1e-9
+
+
+def test_every_kontext_bucket_maps_to_itself_and_sd_is_the_default():
+    for w, h in KONTEXT_BUCKETS:
+        assert crop.editor_size("flux-kontext", h, w) == (h, w)
+    mask = disc_mask(900, 1200, [(450, 600)], 120)
+    assert crop.plan_crop(mask) == crop.plan_crop(mask, editor="sd")  # the SD behaviour is unchanged by default
+    assert max(crop.plan_crop(mask).work_size) == crop.WORKING_SIZE
+
+
+def test_qwen_edit_sizes_are_every_size_the_plus_node_keeps():
+    """Brute force over every pair of multiples of 16 up to 4096: exactly these are fixed points of its scaling."""
+    sides = np.arange(16, 4097, 16)
+    ww, hh = np.meshgrid(sides, sides, indexing="xy")
+    scale = np.sqrt(1024 * 1024 / (ww * hh))
+    kept = (np.round(ww * scale / 8.0) * 8 == ww) & (np.round(hh * scale / 8.0) * 8 == hh)
+    want = {(int(w), int(h)) for w, h in zip(ww[kept], hh[kept])}
+    assert set(crop.qwen_edit_sizes()) == want and (1024, 1024) in want and len(want) > 50
+
+
+@pytest.mark.parametrize("editor", ["flux-kontext", "qwen-image-edit"])
+def test_stitch_at_the_editors_sizes_keeps_every_pixel_outside_the_blend_zone(editor):
+    """An edit that paints the whole crop, at the editor's size: outside the box the stitch is the photo, and after
+    GB every pixel farther than edge_width from the mask is the photo bit for bit."""
+    photo = smooth_photo(1100, 1500, seed=5)
+    mask = disc_mask(1100, 1500, [(380, 900)], 140)
+    geometry = crop.plan_crop(mask, editor=editor, photo=photo)
+    work = crop.crop_image(photo, geometry)
+    assert tuple(work.shape[1:3]) == geometry.work_size and geometry.work_size != (512, 512)
+    stitched = crop.stitch(torch.ones_like(work), photo, geometry)
+    top, left, bottom, right = geometry.box
+    outside_box = torch.ones(1100, 1500, dtype=torch.bool)
+    outside_box[top:bottom, left:right] = False
+    assert torch.equal(stitched[0][outside_box], photo[0][outside_box])
+    result = gb.gb_composite(stitched, photo, mask)
+    changed = (result.image[0] != photo[0]).any(dim=-1).numpy()
+    region = mask[0].numpy() >= 0.5
+    assert changed[region].mean() > 0.99, "the edit did not arrive inside the mask"
+    assert not changed[ndimage.distance_transform_edt(~region) > gb.EDGE_WIDTH].any()
+
+
+def test_crop_node_editor_input(pack):
+    node = pack.NODE_CLASS_MAPPINGS["XMGIECropForEdit"]()
+    options = node.INPUT_TYPES()["optional"]["editor"]
+    assert options[0] == list(crop.EDITORS) and options[1]["default"] == "sd" and options[1]["tooltip"]
+    photo = smooth_photo(900, 1200)
+    mask = disc_mask(900, 1200, [(450, 600)], 120)
+    image, small_mask, geometry = node.crop(photo, mask, 1.5, 520, "64", 4.0, "flux-kontext")  # 520: unused
+    assert image.shape[1:3] == small_mask.shape[1:] == geometry.work_size == (1024, 1024)
+    with pytest.raises(XMGIEInputError, match="editor must be one of sd, flux-kontext, qwen-image-edit"):
+        crop.plan_crop(mask, editor="kontext")

@@ -48,6 +48,17 @@ CORE_NODES = {
                        "required": ["model", "scheduler", "steps", "denoise"], "outputs": ["SIGMAS"]},
     "SamplerCustomAdvanced": {"widgets": [], "required": ["noise", "guider", "sampler", "sigmas", "latent_image"],
                               "outputs": ["LATENT", "LATENT"]},
+    # the DiT editors' (FLUX.1 Kontext, Qwen-Image-Edit) loaders, text encoding and model patches
+    "DualCLIPLoader": {"widgets": ["clip_name1", "clip_name2", "type", "device"],
+                       "required": ["clip_name1", "clip_name2", "type"], "outputs": ["CLIP"]},
+    "CLIPLoader": {"widgets": ["clip_name", "type", "device"], "required": ["clip_name", "type"], "outputs": ["CLIP"]},
+    "VAELoader": {"widgets": ["vae_name"], "required": ["vae_name"], "outputs": ["VAE"]},
+    "ReferenceLatent": {"widgets": [], "required": ["conditioning"], "outputs": ["CONDITIONING"]},
+    "FluxGuidance": {"widgets": ["guidance"], "required": ["conditioning", "guidance"], "outputs": ["CONDITIONING"]},
+    "ConditioningZeroOut": {"widgets": [], "required": ["conditioning"], "outputs": ["CONDITIONING"]},
+    "TextEncodeQwenImageEditPlus": {"widgets": ["prompt"], "required": ["clip", "prompt"], "outputs": ["CONDITIONING"]},
+    "ModelSamplingAuraFlow": {"widgets": ["shift"], "required": ["model", "shift"], "outputs": ["MODEL"]},
+    "CFGNorm": {"widgets": ["strength"], "required": ["model", "strength"], "outputs": ["MODEL"]},
 }
 UI_ONLY_WIDGETS = {"upload"}
 
@@ -270,3 +281,75 @@ def test_seed_inputs_declare_their_control_widget(pack):
             for inp, (kind, *opts) in cls.INPUT_TYPES().get(section, {}).items():
                 if kind == "INT" and inp in ("seed", "noise_seed"):
                     assert (opts[0] if opts else {}).get("control_after_generate"), f"{name}.{inp}"
+
+
+DIT_WORKFLOWS = {  # editor -> (workflow, Crop For Edit's editor, loader files users have)
+    "kontext": ("xmgie_kontext_edit", "flux-kontext", {
+        "UNETLoader": {"unet_name": "flux1-dev-kontext_fp8_scaled.safetensors"},
+        "DualCLIPLoader": {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "type": "flux"},
+        "VAELoader": {"vae_name": "ae.safetensors"}}),
+    "qwen": ("xmgie_qwen_edit", "qwen-image-edit", {
+        "UNETLoader": {"unet_name": "qwen_image_edit_2509_fp8_e4m3fn.safetensors"},
+        "CLIPLoader": {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image"},
+        "VAELoader": {"vae_name": "qwen_image_vae.safetensors"}}),
+}
+
+
+@pytest.mark.parametrize("editor", DIT_WORKFLOWS)
+def test_dit_workflow_wiring(editor):
+    """Standard loaders with the users' file names; the crop at the editor's size feeds the latent, the reference
+    image and PFB's mask; Stitch + GB on the photo with the full mask; the editor alone (stock KSampler, same inputs,
+    seed and steps) is pasted back, and a Drift Map compares each result with the photo outside the mask."""
+    name, crop_editor, loaders = DIT_WORKFLOWS[editor]
+    prompt = load(WORKFLOWS / "api" / f"{name}.json")
+    for class_type, want in loaders.items():
+        assert {k: node_of(prompt, class_type)[1]["inputs"][k] for k in want} == want
+    photo_id = next(nid for nid, n in prompt.items() if n["class_type"] == "LoadImage"
+                    and n["inputs"]["image"] == "xmgie_astronaut_source.png")
+    crop_id, crop_node = node_of(prompt, "XMGIECropForEdit")
+    mask = crop_node["inputs"]["mask"]
+    assert crop_node["inputs"]["editor"] == crop_editor and crop_node["inputs"]["image"] == [photo_id, 0]
+    assert mask[1] == 1 and prompt[mask[0]]["class_type"] == "LoadImage"
+    assert node_of(prompt, "VAEEncode")[1]["inputs"]["pixels"] == [crop_id, 0]
+    pfb_id, pfb = node_of(prompt, "XMGIEPFBSampler")
+    assert pfb["inputs"]["mask"] == [crop_id, 1]
+    unet_id, _ = node_of(prompt, "UNETLoader")
+    model = pfb["inputs"]["model"]
+    while model[0] != unet_id:  # through the model patches only
+        assert prompt[model[0]]["class_type"] in ("ModelSamplingAuraFlow", "CFGNorm")
+        model = prompt[model[0]]["inputs"]["model"]
+    positive = prompt[pfb["inputs"]["positive"][0]]
+    if editor == "kontext":
+        reference = prompt[positive["inputs"]["conditioning"][0]]
+        assert positive["class_type"] == "FluxGuidance" and reference["class_type"] == "ReferenceLatent"
+        assert reference["inputs"]["latent"] == [node_of(prompt, "VAEEncode")[0], 0]
+        assert pfb["inputs"]["cfg"] == 1.0  # guidance-distilled: FluxGuidance, no CFG
+    else:
+        assert positive["class_type"] == "TextEncodeQwenImageEditPlus"
+        for n in prompt.values():
+            if n["class_type"] == "TextEncodeQwenImageEditPlus":  # reference = the crop, so the two line up
+                assert n["inputs"]["image1"] == [crop_id, 0] and "image2" not in n["inputs"]
+    stitch = {n["inputs"]["edited"][0]: nid for nid, n in prompt.items() if n["class_type"] == "XMGIEStitchEdit"}
+    decoded = {prompt[d]["inputs"]["samples"][0]: d for d in stitch}
+    (stock_id, stock), = [(nid, n) for nid, n in prompt.items() if n["class_type"] == "KSampler"]
+    assert set(decoded) == {pfb_id, stock_id}
+    shared = ("model", "positive", "negative", "latent_image", "seed", "steps", "cfg", "sampler_name", "scheduler",
+              "denoise")
+    assert {k: stock["inputs"][k] for k in shared} == {k: pfb["inputs"][k] for k in shared}
+    gb_id, gb = node_of(prompt, "XMGIEGBCompositor")
+    assert (gb["inputs"]["edited"], gb["inputs"]["mask"], gb["inputs"]["source"]) == \
+        ([stitch[decoded[pfb_id]], 0], mask, [photo_id, 0])
+    drifts = [n["inputs"] for n in prompt.values() if n["class_type"] == "XMGIEDriftMap"]
+    assert sorted(d["edited"][0] for d in drifts) == sorted([gb_id, stitch[decoded[stock_id]]])
+    assert all(d["source"] == [photo_id, 0] and d["mask"] == mask for d in drifts)
+    assert "XMGIECrossAttentionMask" not in {n["class_type"] for n in prompt.values()}
+
+
+def test_dit_workflows_regenerate_from_their_script():
+    """The committed UI and API files are exactly what workflows/assets/make_dit_workflows.py builds."""
+    spec = importlib.util.spec_from_file_location("xmgie_make_dit_workflows", ASSETS / "make_dit_workflows.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name, make in (("xmgie_kontext_edit", script.kontext), ("xmgie_qwen_edit", script.qwen)):
+        ui, api = script.build(*make())
+        assert load(WORKFLOWS / f"{name}.json") == ui and load(WORKFLOWS / "api" / f"{name}.json") == api, name

@@ -6,8 +6,10 @@ edit back.
               `max_upscale` and its shorter side is at least MIN_WORK_SIDE at the working size (a thin region
               gets context across it; a photo too thin for that is an error), centred on the region and
               shifted (not cut) to stay inside the photo;
-  work size = the box resized so its longer side is `working_size`, each side a multiple of `multiple`; the box
-              is then widened to that aspect (to within half a photo pixel) where the photo allows;
+  work size = editor "sd": the box resized so its longer side is `working_size`, each side a multiple of
+              `multiple`; "flux-kontext" / "qwen-image-edit": the editor's own size nearest the box's aspect
+              (KONTEXT_SIZES, qwen_edit_sizes: about 1 megapixel); the box is then widened to that aspect (to
+              within half a photo pixel) where the photo allows;
   crop      = photo[box] resized to the work size (antialiased bicubic);
   stitch    = the edited crop resized back to the box and pasted into a copy of the photo.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,49 @@ MAX_UPSCALE = 4.0
 MAX_UPSCALE_RANGE = (1.0, 16.0)
 MIN_WORK_SIDE = 64
 """The shorter side of a crop the model can edit (8 latent cells of SD's VAE); below it the edit is a smear."""
+EDITORS = ("sd", "flux-kontext", "qwen-image-edit")
+"""Work-size rules: "sd" = working_size x multiple (SD1.5, SDXL: the default), else a DiT editor's own sizes."""
+
+KONTEXT_SIZES = ((672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
+                 (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
+                 (1456, 720), (1504, 688), (1568, 672))
+"""(width, height) of FLUX.1 Kontext's resolution buckets, ComfyUI 0.3.64 comfy_extras/nodes_flux.py:80
+PREFERED_KONTEXT_RESOLUTIONS (what FluxKontextImageScale resizes to)."""
+QWEN_EDIT_PIXELS = 1024 * 1024
+QWEN_EDIT_MULTIPLE = 16
+"""Qwen-Image-Edit's latent grid: VAE factor 8 x patchify 2 (comfy/ldm/qwen_image/model.py)."""
+
+
+def qwen_reference_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) TextEncodeQwenImageEditPlus VAE-encodes a width x height image at as the reference latent:
+    scaled to QWEN_EDIT_PIXELS, each side rounded to a multiple of 8 (ComfyUI 0.3.64
+    comfy_extras/nodes_qwen.py:90-93)."""
+    scale = math.sqrt(QWEN_EDIT_PIXELS / (width * height))
+    return round(width * scale / 8.0) * 8, round(height * scale / 8.0) * 8
+
+
+@cache
+def qwen_edit_sizes() -> tuple[tuple[int, int], ...]:
+    """(width, height) with both sides multiples of QWEN_EDIT_MULTIPLE (at most WORKING_SIZE_RANGE's top) that
+    TextEncodeQwenImageEditPlus keeps as they are: a crop at one of these sizes and its reference latent share one
+    latent grid, so the generated image and the reference line up pixel for pixel (about 1 megapixel)."""
+    step, top = QWEN_EDIT_MULTIPLE, WORKING_SIZE_RANGE[1]
+    found = []
+    for height in range(step, top + 1, step):
+        near = _snap(QWEN_EDIT_PIXELS / height, step)
+        found += [(w, height) for w in (near - step, near, near + step)
+                  if step <= w <= top and qwen_reference_size(w, height) == (w, height)]
+    return tuple(found)
+
+
+def editor_size(editor: str, height: float, width: float) -> tuple[int, int] | None:
+    """(h, w) of the editor's size nearest the aspect width/height, chosen as FluxKontextImageScale chooses
+    (smallest |aspect - w/h|, then the smaller w, h; nodes_flux.py:121); None for "sd"."""
+    if editor == "sd":
+        return None
+    sizes = KONTEXT_SIZES if editor == "flux-kontext" else qwen_edit_sizes()
+    _, w, h = min((abs(width / height - w / h), w, h) for w, h in sizes)
+    return h, w
 
 
 @dataclass(frozen=True)
@@ -113,19 +159,23 @@ def _bounding_box(region: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def plan_crop(mask: torch.Tensor, context_factor: float = CONTEXT_FACTOR, working_size: int = WORKING_SIZE,
-              multiple: int = MULTIPLE, max_upscale: float = MAX_UPSCALE, photo: torch.Tensor | None = None
-              ) -> CropGeometry:
+              multiple: int = MULTIPLE, max_upscale: float = MAX_UPSCALE, photo: torch.Tensor | None = None,
+              editor: str = "sd") -> CropGeometry:
     """The crop box and work size for a MASK [B,H,W] or [H,W] (1 = edit), as the module docstring says; with
-    `photo` (IMAGE) the geometry remembers it, and stitch refuses any other photo."""
+    `photo` (IMAGE) the geometry remembers it, and stitch refuses any other photo. For a DiT `editor` the work
+    size is its own (working_size and multiple are not used)."""
     check_range(context_factor, "context_factor", *CONTEXT_FACTOR_RANGE,
                 hint="It multiplies the region's bounding box sides (1 = no context around the region).")
     check_range(working_size, "working_size", *WORKING_SIZE_RANGE,
                 hint="It is the longer side of the crop as the model sees it (512 for SD1.5, 1024 for SDXL).")
     check_range(max_upscale, "max_upscale", *MAX_UPSCALE_RANGE, hint="It caps how much a small region is enlarged.")
+    if editor not in EDITORS:
+        raise XMGIEInputError(f"editor must be one of {', '.join(EDITORS)}, got {editor!r} (sd: working_size x "
+                              "multiple, for SD1.5 and SDXL).")
     if multiple not in MULTIPLE_CHOICES:
         raise XMGIEInputError(f"multiple must be one of {', '.join(map(str, MULTIPLE_CHOICES))}, got {multiple} "
                               "(8 suits SD's VAE; 64 every U-Net level).")
-    if working_size % multiple:
+    if editor == "sd" and working_size % multiple:
         raise XMGIEInputError(f"working_size {working_size} is not a multiple of {multiple}; use "
                               f"{_snap(working_size, multiple)}.")
     region = binarize(mask.unsqueeze(0) if mask.ndim == 2 else mask).any(dim=0)
@@ -133,13 +183,17 @@ def plan_crop(mask: torch.Tensor, context_factor: float = CONTEXT_FACTOR, workin
     empty = not bool(region.any())
     top, left, bottom, right = (0, 0, height, width) if empty else _bounding_box(region)
     want_h, want_w = (bottom - top) * context_factor, (right - left) * context_factor
+    preferred = editor_size(editor, want_h, want_w)
+    if preferred:  # the editor's size for this aspect sets the scale the box is grown for
+        working_size = max(preferred)
     grow = working_size / max_upscale / max(want_h, want_w)  # never enlarge more than max_upscale
     if grow > 1:
         want_h, want_w = want_h * grow, want_w * grow
     thinnest = max(want_h, want_w) * MIN_WORK_SIDE / working_size  # a thin region gets context across it
     want_h, want_w = min(max(want_h, thinnest), height), min(max(want_w, thinnest), width)
     to_work = working_size / max(want_h, want_w)
-    work_h, work_w = _snap(want_h * to_work, multiple), _snap(want_w * to_work, multiple)
+    work_h, work_w = editor_size(editor, want_h, want_w) or (_snap(want_h * to_work, multiple),
+                                                              _snap(want_w * to_work, multiple))
     if not empty and min(work_h, work_w) < MIN_WORK_SIDE:
         raise XMGIEInputError(_too_thin(height, width, bottom - top, right - left, (work_h, work_w), working_size,
                                         multiple * math.ceil(MIN_WORK_SIDE * max(want_h, want_w) /
