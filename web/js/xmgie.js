@@ -26,7 +26,7 @@ const WARNINGS = {
 };
 
 const REPORT_WIDGET = "xmgie_report";
-const SHOWS_TEXT = new Set(["XMGIEIdentityScore"]);
+const SHOWS_TEXT = new Set(["XMGIEIdentityScore", "XMGIEDriftMap"]);
 
 function showText(node, lines) {
   let widget = node.widgets?.find((w) => w.name === REPORT_WIDGET);
