@@ -12,7 +12,7 @@ from PIL import Image
 from xmgie_core.apps import edit as de
 from xmgie_core.apps.edit import EditSettings
 from xmgie_core.evaluation.datasets import ImageRef, Sample
-from xmgie_core.evaluation.editors import XmgieEditor
+from xmgie_core.apps.evaluate import XmgieEditor
 from xmgie_core.hosts.diffusers.models import tiny_sd15
 
 SAMPLE = Sample("astronaut", "give the astronaut a red scarf", ImageRef("astronaut"))

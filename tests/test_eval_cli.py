@@ -25,10 +25,7 @@ from xmgie_core.metrics.registry import METRICS, Metric
 
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encoders")
-    return {"open_clip": tiny_eval_models.open_clip_folder(root / "open_clip"),
-            "hf_clip": tiny_eval_models.hf_clip_folder(root / "hf_clip"),
-            "dino": tiny_eval_models.dino_folder(root / "dino")}
+    return tiny_eval_models.all_folders(tmp_path_factory.mktemp("encoders"))
 
 
 @pytest.fixture
@@ -175,6 +172,8 @@ def test_a_registered_metric_runs_with_the_others(tmp_path, magicbrush, monkeypa
     (["--edits", "E", "--tiny"], "Give one or the other"),
     ([], "Nothing to evaluate"),
     (["--edits", "E", "--metrics", "l1,nope"], "Unknown metrics"),
+    (["--tiny", "--steps", "0"], "steps must be between 1 and"),
+    (["--edits", "E", "--clip-b32", "E", "--metrics", "l1", "--format", "emu-edit"], "No data/test-"),
 ])
 def test_bad_invocations_write_nothing(tmp_path, magicbrush, capsys, args, message):
     root, edits = magicbrush
@@ -182,6 +181,16 @@ def test_bad_invocations_write_nothing(tmp_path, magicbrush, capsys, args, messa
     assert run_eval(tmp_path, "--dataset", root, *args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_the_command_runs_on_its_own(tmp_path, magicbrush, capsys):
+    from xmgie_core.apps import evaluate
+
+    root, edits = magicbrush
+    assert evaluate.main(["--dataset", str(root), "--edits", str(edits), "--metrics", "l1", "--identity", "none",
+                          "--out", str(tmp_path)]) == 0
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "eval" / "samples.jsonl").is_file()
+    assert evaluate.main(["--dataset", str(root), "--out", str(tmp_path), "--identity", "none"]) == 2
 
 
 def test_the_tiny_xmgie_edit_is_evaluated(tmp_path):

@@ -33,10 +33,7 @@ def pil(image: torch.Tensor) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encoders")
-    return {"open_clip": tiny_eval_models.open_clip_folder(root / "open_clip"),
-            "hf_clip": tiny_eval_models.hf_clip_folder(root / "hf_clip"),
-            "dino": tiny_eval_models.dino_folder(root / "dino")}
+    return tiny_eval_models.all_folders(tmp_path_factory.mktemp("encoders"))
 
 
 # ---------------------------------------------------------------------------------------------------- pixels

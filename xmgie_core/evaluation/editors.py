@@ -1,9 +1,9 @@
-"""What produces the edits an evaluation scores: precomputed edits from a folder (matched by sample id), or the
-headless xMGIE edit (apps/edit.py edit_photo) with techniques switched off for ablations."""
+"""What an editor hands the evaluation (Edited), and the editor of precomputed edits from a folder (matched by sample
+id). The headless xMGIE edit with its ablations is an application's (apps/evaluate.py XmgieEditor)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,45 +58,3 @@ class PrecomputedEdits:
 
     def describe(self) -> dict:
         return {"kind": self.kind, "folder": str(self.folder)}
-
-
-class XmgieEditor:
-    """The headless whole edit on an SD1.5 model. Ablations (ABLATIONS): cam / pfb -> EditSettings.cam / .pfb; gb ->
-    edge_width 0 (GB's blend zone gone: the region pasted with a hard edge); region -> the whole photo as the region
-    (no localisation). `given_masks`: the dataset's mask is the region instead of the predicted one."""
-
-    kind = "xmgie"
-
-    def __init__(self, models, settings, face_backend=None, off: tuple[str, ...] = (), given_masks: bool = False):
-        unknown = sorted(set(off) - set(ABLATIONS))
-        if unknown:
-            raise XMGIEInputError(f"Unknown techniques to switch off: {unknown}; use {', '.join(ABLATIONS)}.")
-        if given_masks and "region" in off:
-            raise XMGIEInputError("--dataset-masks and --no-region exclude each other: one gives the dataset's "
-                                  "region, the other the whole photo.")
-        self.models, self.face_backend, self.off, self.given_masks = models, face_backend, tuple(off), given_masks
-        self.settings = replace(settings, cam="cam" not in off, pfb="pfb" not in off,
-                                edge_width=0.0 if "gb" in off else settings.edge_width)
-
-    def edit(self, sample: Sample, source: torch.Tensor, gt_mask: torch.Tensor | None) -> Edited:
-        from ..apps.edit import edit_photo
-
-        mask = None
-        if "region" in self.off:
-            mask = torch.ones(source.shape[:3])
-        elif self.given_masks:
-            if gt_mask is None:
-                raise XMGIEInputError(f"--dataset-masks: sample {sample.id} has no mask in the dataset.")
-            mask = gt_mask
-        result = edit_photo(self.models, source, replace(self.settings, instruction=sample.instruction), mask,
-                            self.face_backend)
-        return Edited(result.image, result.mask, result.notes, result.report(self.settings, self.models))
-
-    def describe(self) -> dict:
-        from dataclasses import asdict
-
-        settings = asdict(self.settings)
-        settings.pop("instruction")
-        return {"kind": self.kind, "checkpoint": self.models.source, "tiny_random_models": self.models.tiny,
-                "switched_off": list(self.off), "region": "whole photo" if "region" in self.off else
-                "dataset mask" if self.given_masks else "predicted", "settings": settings}

