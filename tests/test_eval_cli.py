@@ -74,7 +74,8 @@ def test_precomputed_magicbrush_edits_are_scored_and_reported(tmp_path, magicbru
     assert "region_iou" not in rows["207_1"]["metrics"]
     summary = json.loads((run / "summary.json").read_text())
     mean, ci = t_interval([r["metrics"]["l1"] for r in rows.values()])
-    assert summary["metrics"]["l1"]["mean"] == pytest.approx(mean) and summary["metrics"]["l1"]["ci"] == pytest.approx(ci)
+    assert summary["metrics"]["l1"]["mean"] == pytest.approx(mean)
+    assert summary["metrics"]["l1"]["ci"] == pytest.approx(ci)
     assert summary["metrics"]["region_iou"]["n"] == 1 and summary["metrics"]["region_iou"]["ci"] is None
     assert "--clip-l14" in summary["skipped"]["clip_dir"] and "no face backend" in summary["skipped"]["ips"]
     md = (run / "summary.md").read_text()

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is usable, else cpu)")
     e.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     e.set_defaults(run=run_edit)
-    evaluate.add_arguments(sub.add_parser("eval", help="Score an editor over a dataset (MagicBrush, Emu Edit metrics)."))
+    evaluate.add_arguments(sub.add_parser("eval", help="Score an editor over a dataset (MagicBrush, Emu Edit metrics)"))
     return p
 
 

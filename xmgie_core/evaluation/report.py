@@ -56,13 +56,20 @@ def write_rows(rows: list[Row], folder: Path) -> None:
                         " | ".join(row.notes)])
 
 
+def better(name: str) -> str:
+    m = METRICS.get(name)
+    return "" if m is None else "higher" if m.higher_is_better else "lower"
+
+
+def source(name: str) -> str:
+    return METRICS[name].source if name in METRICS else ""
+
+
 def summary_table(sums: dict[str, Summary]) -> str:
     """Markdown: metric | mean ± 95 % CI | n | better | source."""
     lines = ["| metric | mean ± 95 % CI | n | better | source |", "|---|---|---|---|---|"]
     for name, s in sums.items():
-        m = METRICS.get(name)
-        better = "" if m is None else ("higher" if m.higher_is_better else "lower")
-        lines.append(f"| {name} | {s.text()} | {s.n} | {better} | {m.source if m else ''} |")
+        lines.append(f"| {name} | {s.text()} | {s.n} | {better(name)} | {source(name)} |")
     return "\n".join(lines)
 
 
@@ -136,7 +143,7 @@ def write_run(outcome: Outcome, run: dict, folder: Path) -> dict[str, Summary]:
     write_rows(outcome.rows, folder)
     sums = summaries(outcome.rows)
     (folder / "summary.json").write_text(json.dumps({
-        "ci": CI_METHOD, "metrics": {n: {**s.as_dict(), "source": METRICS[n].source if n in METRICS else ""}
+        "ci": CI_METHOD, "metrics": {n: {**s.as_dict(), "source": source(n)}
                                      for n, s in sums.items()},
         "skipped": outcome.skipped, "not_applicable": outcome.not_applicable}, indent=2) + "\n")
     table = summary_table(sums)
@@ -154,7 +161,7 @@ def write_run(outcome: Outcome, run: dict, folder: Path) -> dict[str, Summary]:
     parts = [f"<p>{html.escape(run['dataset']['format'])} dataset {html.escape(run['dataset']['root'])}, "
              f"{len(outcome.rows)} samples; editor {html.escape(run['editor']['kind'])}. {CI_METHOD}.</p>",
              _html_table(["metric", "mean ± 95 % CI", "n", "source"],
-                         [[n, s.text(), str(s.n), METRICS[n].source if n in METRICS else ""] for n, s in sums.items()]),
+                         [[n, s.text(), str(s.n), source(n)] for n, s in sums.items()]),
              "".join(f"<p>{html.escape(line[2:])}</p>" for line in notes),
              f"<h2>Contact sheet</h2><img alt='contact sheet' src='{_png_uri(sheet)}'>"
              + ("" if len(outcome.items) == len(outcome.rows) else
@@ -201,9 +208,8 @@ def compare(run_a: Path, run_b: Path, folder: Path) -> str:
              f"B - A paired over the samples both scored; {CI_METHOD}.", "",
              "| metric | A | B | B - A | better |", "|---|---|---|---|---|"]
     for n, r in result.items():
-        m = METRICS.get(n)
         lines.append(f"| {n} | {Summary(**r['a']).text()} | {Summary(**r['b']).text()} | "
-                     f"{Summary(**r['b_minus_a']).text()} | {'' if m is None else 'higher' if m.higher_is_better else 'lower'} |")
+                     f"{Summary(**r['b_minus_a']).text()} | {better(n)} |")
     table = "\n".join(lines)
     (folder / "compare.json").write_text(json.dumps({"a": str(run_a), "b": str(run_b), "common": len(common),
                                                      "ci": CI_METHOD, "metrics": result}, indent=2) + "\n")

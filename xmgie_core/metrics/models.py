@@ -4,9 +4,10 @@ into a skipped metric with that note.
 
 Layouts read:
   CLIP, open_clip:     open_clip_config.json ({"model_cfg": ..., "preprocess_cfg": ...}) + open_clip_model.safetensors
-                       (or open_clip_pytorch_model.safetensors / model.safetensors), e.g. timm/vit_base_patch32_clip_224.openai
-  CLIP, transformers:  config.json (model_type "clip") + model.safetensors + tokenizer files (+ preprocessor_config.json),
-                       e.g. openai/clip-vit-base-patch32, openai/clip-vit-large-patch14
+                       (or open_clip_pytorch_model.safetensors / model.safetensors),
+                       e.g. timm/vit_base_patch32_clip_224.openai
+  CLIP, transformers:  config.json (model_type "clip") + model.safetensors + tokenizer files
+                       (+ preprocessor_config.json), e.g. openai/clip-vit-base-patch32, openai/clip-vit-large-patch14
   DINO, transformers:  config.json (model_type "vit": ViTModel, e.g. facebook/dino-vits16; or "dinov2": Dinov2Model)
                        + model.safetensors
 Weights must be safetensors: the pack never unpickles weights (.bin / .pth can run code when loaded).
@@ -119,8 +120,9 @@ def _open_clip(folder: Path, what: str, device: torch.device) -> ClipEncoder:
         tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     model = model.eval().to(device)
     pre = config.get("preprocess_cfg", {})
-    return ClipEncoder(lambda x: model.encode_image(x.to(device)), lambda texts: model.encode_text(tokenizer(texts).to(device)),
-                       arch.image_size, tuple(pre.get("mean", OPENAI_MEAN)), tuple(pre.get("std", OPENAI_STD)), arch,
+    return ClipEncoder(lambda x: model.encode_image(x.to(device)),
+                       lambda texts: model.encode_text(tokenizer(texts).to(device)), arch.image_size,
+                       tuple(pre.get("mean", OPENAI_MEAN)), tuple(pre.get("std", OPENAI_STD)), arch,
                        f"open_clip folder {folder}")
 
 
@@ -149,7 +151,8 @@ def _hf_clip(folder: Path, config: dict, what: str, device: torch.device) -> Cli
         return _features(model.get_text_features(input_ids=t.input_ids.to(device),
                                                  attention_mask=t.attention_mask.to(device)))
 
-    return ClipEncoder(lambda x: _features(model.get_image_features(pixel_values=x.to(device))), encode_texts, arch.image_size,
+    return ClipEncoder(lambda x: _features(model.get_image_features(pixel_values=x.to(device))), encode_texts,
+                       arch.image_size,
                        tuple(pre.get("image_mean", OPENAI_MEAN)), tuple(pre.get("image_std", OPENAI_STD)), arch,
                        f"transformers CLIPModel folder {folder}")
 
@@ -187,7 +190,8 @@ def load_dino(path: Path, what: str = "The DINO model folder", device: str | tor
     _hf_weights(folder, what)
     extra = {"add_pooling_layer": False} if kind is ViTModel else {}
     with loading(folder, what):
-        model = kind.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, **extra).eval().to(device)
+        model = kind.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, **extra)
+    model = model.eval().to(device)
     arch = Architecture(int(config.get("hidden_size", 384)), int(config.get("num_hidden_layers", 12)),
                         int(config.get("patch_size", 16)), int(config.get("image_size", 224)))
     return DinoEncoder(lambda x: model(pixel_values=x.to(device)).last_hidden_state[:, 0], arch.image_size, arch,
