@@ -13,7 +13,7 @@ bundled xmgie_edit workflow:
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -75,6 +75,11 @@ class EditSettings:
     sigma_max: float = gb.SIGMA_MAX
     sigma_scale: float = gb.SIGMA_SCALE
     edge_width: float = gb.EDGE_WIDTH
+    cam: bool = True
+    """False: the ablation without CAM (the edit words attend everywhere)."""
+    pfb: bool = True
+    """False: the ablation without PFB: its region is the whole crop, so eqs 5 and 23 return the edit branch as it
+    is (plain img2img on the crop; face protection, which works through PFB's mask, goes with it)."""
 
     def __post_init__(self) -> None:
         """Every number within the range its node widget allows (NaN and inf refused), before any model loads."""
@@ -204,7 +209,7 @@ def sample_crop(models: SD15, crop_image: torch.Tensor, cam_mask: torch.Tensor, 
     settings = PFBSettings(mask=pfb_mask, layers=s.layers, outside_weight=s.outside_weight,
                            latent_end=s.latent_blend_end, source_mode=s.source_mode)
     cam = cross_attention_masking(models.unet, restriction_for(models, plan), cam_mask, s.cam_mode,
-                                  rows=slice(z.shape[0], None))
+                                  rows=slice(z.shape[0], None)) if s.cam else nullcontext()
     with cam:
         return pfb_edit(models.unet, models.scheduler, z, cond, uncond, source_cond, settings, s.steps, s.cfg,
                         s.denoise, torch.Generator().manual_seed(s.seed))
@@ -265,7 +270,8 @@ def edit_photo(models: SD15, image: torch.Tensor, settings: EditSettings, mask: 
         regions = (crop_region(geometry),)
         source_faces = None if face_backend is None else embed_images(face_backend, image, pass_through=True,
                                                                       regions=regions)
-        pfb_mask = protect_faces(face_backend, crop_image, crop_mask, settings.face_protection, notes)
+        pfb_mask = protect_faces(face_backend, crop_image, crop_mask, settings.face_protection, notes) \
+            if settings.pfb else torch.ones_like(crop_mask)
     if empty_items(mask):
         notes.append("the region is empty: nothing was edited (the photo is returned unchanged)")
         result = image.clone()
