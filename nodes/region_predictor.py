@@ -127,8 +127,9 @@ class XMGIERegionPredictor:
             "required": {
                 "image": ("IMAGE", {"tooltip": "The photo to edit."}),
                 "mode": (list(MODES), {"default": "noise-difference", "tooltip": "learned: trained weights from "
-                         "models/xmgie + CLIP vision + FLAN-T5. noise-difference / attention: the checkpoint's U-Net or "
-                         "Flux / Kontext / Qwen-Image DiT (connect model, clip, vae). clipseg: a CLIPSeg folder in models/clipseg."}),
+                         "models/xmgie + CLIP vision + FLAN-T5. noise-difference / attention: the checkpoint's U-Net "
+                         "or Flux / Kontext / Qwen-Image DiT (connect model, clip, vae). clipseg: a CLIPSeg folder in "
+                         "models/clipseg."}),
                 "instruction": ("STRING", {"multiline": True, "default": "give the man a red scarf",
                                            "tooltip": "learned: the edit instruction (t_ins)."}),
                 "target_description": ("STRING", {"multiline": True, "default": "a man wearing a red scarf",
@@ -151,7 +152,7 @@ class XMGIERegionPredictor:
                 "draws": ("INT", {"default": DRAWS, "min": 1, "max": 64, "tooltip": "noise-difference: noise draws "
                               "averaged into the map, spread over strength +- 0.1 (DiffEdit uses 10)."}),
                 "steps": ("INT", {"default": STEPS, "min": 1, "max": 50, "tooltip": "attention: denoising steps "
-                              "whose cross-attention maps are averaged."}),
+                              "whose cross-attention (U-Net) or joint-attention (DiT) maps are averaged."}),
                 "strength": ("FLOAT", {"default": 0.5, "min": 0.05, "max": 1.0, "step": 0.05,
                                        "tooltip": "noise-difference, attention: how far the photo is noised (0..1 of "
                                                   "the schedule) before the model reads it (DiffEdit: 0.5)."}),
