@@ -1,5 +1,6 @@
 """XMGIE Region Predictor node: where to edit, from the image and the instruction ([Regions] eqs 1-3, multi-scale),
-or without trained weights (DiffEdit noise difference, the edit words' cross-attention, CLIPSeg)."""
+or without trained weights (DiffEdit noise difference, the edit words' cross-attention, CLIPSeg). The noise-difference
+and attention modes run on SD U-Nets and on the DiT editors Flux / FLUX.1 Kontext and Qwen-Image(-Edit)."""
 
 from __future__ import annotations
 
@@ -66,8 +67,13 @@ def learned_models(predictor_name: str, t5_folder: str, keep_loaded: bool) -> tu
 
 
 def working_latent(vae, image: torch.Tensor) -> torch.Tensor:
-    """VAE latent of the image at the U-Net's working size (zeroshot.working_pixels), RGB only."""
-    return vae.encode(working_pixels(image))
+    """VAE latent of the image at the working size (zeroshot.working_pixels), RGB only. A video VAE (Qwen-Image's
+    Wan 2.1, latent_dim 3) would read a batch as the frames of one clip, so each image is encoded alone and a batch
+    stays a batch [B, C, 1, h, w]."""
+    pixels = working_pixels(image)
+    if getattr(vae, "latent_dim", 2) == 3:
+        return torch.cat([vae.encode(p[None]) for p in pixels])
+    return vae.encode(pixels)
 
 
 def preview_ui_images(preview: torch.Tensor, prefix: str = "xmgie_region") -> list[dict]:
@@ -109,9 +115,10 @@ class XMGIERegionPredictor:
     )
     DESCRIPTION = (
         "Where to edit. learned: the learnable-regions paper's predictor (CLIP ViT-L/14 patches x FLAN-T5 instruction, cross- and "
-        "self-attention, MLP + sigmoid) at several scales. noise-difference: DiffEdit, the U-Net's noise predictions "
-        "under the target vs the source description. attention: the edit words' cross-attention during a short "
-        "denoising pass. clipseg: CLIPSeg prompted with the edit words. An empty region is reported, not an error."
+        "self-attention, MLP + sigmoid) at several scales. noise-difference: DiffEdit, the model's noise predictions "
+        "(a flow DiT's velocities) under the target vs the source description. attention: the edit words' cross- or "
+        "joint attention during a short denoising pass. Both run on SD1.x / SD2 / SDXL, Flux / FLUX.1 Kontext and "
+        "Qwen-Image(-Edit). clipseg: CLIPSeg prompted with the edit words. An empty region is reported, not an error."
     )
 
     @classmethod
@@ -121,7 +128,8 @@ class XMGIERegionPredictor:
                 "image": ("IMAGE", {"tooltip": "The photo to edit."}),
                 "mode": (list(MODES), {"default": "noise-difference", "tooltip": "learned: trained weights from "
                          "models/xmgie + CLIP vision + FLAN-T5. noise-difference / attention: the checkpoint's U-Net "
-                         "(connect model, clip, vae). clipseg: a CLIPSeg folder in models/clipseg."}),
+                         "or Flux / Kontext / Qwen-Image DiT (connect model, clip, vae). clipseg: a CLIPSeg folder in "
+                         "models/clipseg."}),
                 "instruction": ("STRING", {"multiline": True, "default": "give the man a red scarf",
                                            "tooltip": "learned: the edit instruction (t_ins)."}),
                 "target_description": ("STRING", {"multiline": True, "default": "a man wearing a red scarf",
@@ -144,14 +152,16 @@ class XMGIERegionPredictor:
                 "draws": ("INT", {"default": DRAWS, "min": 1, "max": 64, "tooltip": "noise-difference: noise draws "
                               "averaged into the map, spread over strength +- 0.1 (DiffEdit uses 10)."}),
                 "steps": ("INT", {"default": STEPS, "min": 1, "max": 50, "tooltip": "attention: denoising steps "
-                              "whose cross-attention maps are averaged."}),
+                              "whose cross-attention (U-Net) or joint-attention (DiT) maps are averaged."}),
                 "strength": ("FLOAT", {"default": 0.5, "min": 0.05, "max": 1.0, "step": 0.05,
                                        "tooltip": "noise-difference, attention: how far the photo is noised (0..1 of "
-                                                  "the schedule) before the U-Net reads it (DiffEdit: 0.5)."}),
+                                                  "the schedule) before the model reads it (DiffEdit: 0.5)."}),
             },
             "optional": {
-                "model": ("MODEL", {"tooltip": "noise-difference, attention: the checkpoint's model."}),
-                "clip": ("CLIP", {"tooltip": "noise-difference, attention: the checkpoint's CLIP."}),
+                "model": ("MODEL", {"tooltip": "noise-difference, attention: the checkpoint's model (SD U-Net, Flux / "
+                                              "Kontext or Qwen-Image(-Edit))."}),
+                "clip": ("CLIP", {"tooltip": "noise-difference, attention: the checkpoint's CLIP (for a DiT its "
+                                             "text encoders: Flux t5xxl + clip_l, Qwen-Image qwen_2.5_vl_7b)."}),
                 "vae": ("VAE", {"tooltip": "noise-difference, attention: the checkpoint's VAE (encodes the photo)."}),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "learned: CLIP ViT-L/14 from Load CLIP Vision "
                                                            "(models/clip_vision)."}),
@@ -182,8 +192,12 @@ class XMGIERegionPredictor:
         empty = empty_items(mask)
         warning = ""
         if empty:
-            warning = (f"The predicted region is empty for image(s) {empty}: nothing will be edited there. Lower the "
-                       "threshold, check the words/descriptions, or try another mode.")
+            same = [i for i in empty if mode == "noise-difference" and not score[i].any()]
+            advice = (f"The noise difference is zero everywhere for image(s) {same}: the target and source "
+                      "descriptions give the model the same predictions. Describe the edited image in "
+                      "target_description and the photo as it is now in source_description." if same else
+                      "Lower the threshold, check the words/descriptions, or try another mode.")
+            warning = f"The predicted region is empty for image(s) {empty}: nothing will be edited there. {advice}"
             LOG.warning("xMGIE Region Predictor: %s", warning)
         preview = region_preview(image, mask, soft)
         return {"ui": {"images": preview_ui_images(preview), "xmgie_warning": [warning] if warning else []},
@@ -217,13 +231,37 @@ class XMGIERegionPredictor:
         if mode in ("noise-difference", "attention"):
             missing = [n for n, v in (("model", model), ("clip", clip), ("vae", vae)) if v is None]
             if missing:
-                raise XMGIEInputError(f"The {mode} mode runs the checkpoint's U-Net: connect {', '.join(missing)} "
-                                      "(from Load Checkpoint).")
-            from ..xmgie_core.hosts.comfy.region import comfy_edit_attention, comfy_noise_difference
-
-            latent = working_latent(vae, image)
-            if mode == "noise-difference":
-                return comfy_noise_difference(model, clip, target, source, latent, draws, seed,
-                                              spread_around(strength), progress)
-            return comfy_edit_attention(model, clip, target, words, latent, steps, seed, strength, progress)
+                raise XMGIEInputError(f"The {mode} mode runs the checkpoint's diffusion model: connect "
+                                      f"{', '.join(missing)} (from Load Checkpoint, or Load Diffusion Model, "
+                                      "Load CLIP and Load VAE for a DiT).")
+            return zero_shot_score(mode, model, clip, vae, image, target, source, words, seed, draws, steps,
+                                   strength, progress)
         raise XMGIEInputError(f"Unknown mode {mode!r}; use one of {', '.join(MODES)}.")
+
+
+def zero_shot_score(mode: str, model, clip, vae, image: torch.Tensor, target: str, source: str, words: str,
+                    seed: int, draws: int, steps: int, strength: float, progress) -> torch.Tensor:
+    """The noise-difference or attention score on the MODEL's U-Net or DiT. A DiT editor's conditionings carry the
+    photo's latent as their reference image (as ReferenceLatent / the Qwen edit encoders give it), on both branches."""
+    from ..xmgie_core.hosts.comfy import dit
+    from ..xmgie_core.hosts.comfy.region import (comfy_edit_attention, comfy_noise_difference, encode,
+                                                 noise_difference)
+
+    dit.check_supported(model.model.diffusion_model, f"The {mode} mode")
+    found = dit.find(model.model.diffusion_model)
+    latent = working_latent(vae, image)
+    if found is None:
+        if mode == "noise-difference":
+            return comfy_noise_difference(model, clip, target, source, latent, draws, seed, spread_around(strength),
+                                          progress)
+        return comfy_edit_attention(model, clip, target, words, latent, steps, seed, strength, progress)
+    import node_helpers
+    from ..xmgie_core.hosts.comfy.region_dit import dit_edit_attention, dit_token_positions
+
+    target_cond = node_helpers.conditioning_set_values(encode(clip, target), {"reference_latents": [latent]},
+                                                       append=True)
+    if mode == "noise-difference":
+        return noise_difference(model, target_cond, encode(clip, source), latent, draws, seed,
+                                spread_around(strength), progress)
+    positions = dit_token_positions(clip, found.family, target, words)
+    return dit_edit_attention(model, target_cond, positions, latent, steps, seed, strength, progress)

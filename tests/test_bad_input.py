@@ -351,3 +351,25 @@ def test_instruction_courtesy_and_whitespace_are_not_errors():
     plain = rules_plan("remove the fork").target_description
     for text in ("remove the fork. Thanks!", "Please remove the fork.", "remove\tthe fork\n", "remove the fork, please"):
         assert rules_plan(text).target_description == plain
+
+
+REGION_ARGS = dict(image=_img(), instruction="", target_description="a man wearing a red scarf",
+                   source_description="a man", edit_words="red scarf", threshold=0.5, grow=0, smoothing=0.0, seed=0,
+                   draws=1, steps=1, strength=0.5, model=_FakeModelPatcher(), clip=object(), vae=object())
+REGION_CASES = {
+    "unsupported model, noise-difference": ({"mode": "noise-difference"}, "The noise-difference mode supports SD1.x "
+                                            "/ SD2 / SDXL U-Nets, Flux / FLUX.1 Kontext and Qwen-Image",
+                                            "diffusion model is a Identity. Load one of those checkpoints"),
+    "unsupported model, attention": ({"mode": "attention"}, "The attention mode supports SD1.x / SD2 / SDXL U-Nets",
+                                     "Load one of those checkpoints"),
+    "no vae": ({"mode": "attention", "vae": None}, "The attention mode runs the checkpoint's diffusion model",
+               "connect vae .*Load VAE for a DiT"),
+}
+
+
+@pytest.mark.parametrize("case", list(REGION_CASES))
+def test_region_node_bad_input(pack, case):
+    change, what, fix = REGION_CASES[case]
+    with pytest.raises(ValueError) as err:
+        pack.NODE_CLASS_MAPPINGS["XMGIERegionPredictor"]().predict(**{**REGION_ARGS, **change})
+    assert re.search(what, str(err.value)) and re.search(fix, str(err.value)), f"{case}: {err.value}"

@@ -7,6 +7,9 @@
 - Edit-word attention, prompt-to-prompt (Hertz et al. 2022) / DAAM (Tang et al. 2022): during a short denoising
   pass, the cross-attention probabilities softmax(Q K^T / sqrt(d)) of the edit words' tokens, mean over heads and
   summed over the tokens, upsampled (bilinear) to the latent grid, averaged over layers and steps.
+- Flow matching (Flux / Kontext, Qwen-Image(-Edit): x = (1 - sigma) x0 + sigma n, the network predicts the velocity
+  v = n - x0): the same map on the velocity difference (`flow_velocity`), and the attention map read from the joint
+  attention's image-query -> edit-word-key probabilities (`joint_attention_map`).
 - Schedules are given as strength, the fraction of the diffusion run (img2img's denoise). Strength s is the
   training timestep round(s * (T - 1)) of a T-step schedule; each host turns timesteps into its own sigmas.
 - Noise comes from a seeded CPU torch.Generator and is moved afterwards, so a seed gives the same map on any device.
@@ -112,6 +115,19 @@ def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor | fl
     return x + (x - denoised) / sigma * (sigma_next - sigma)
 
 
+def flow_velocity(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """The velocity a flow-matching model predicted: v = (x - x0_hat) / sigma, from its denoised output
+    x0_hat = x - sigma v (ComfyUI's CONST sampling).
+
+    The flow-matching DiffEdit map is |v_target - v_source| (`noise_difference_map` on velocities). At one (x, sigma)
+    the three readings differ only by a factor of sigma: dx0 = -sigma dv and dn = (1 - sigma) dv, so
+    |dv| = |dn| + |dx0|. The velocity is the network's own output and keeps its scale at every sigma, whereas the
+    noise difference vanishes as sigma -> 1 and the x0 difference as sigma -> 0; averaged over draws at several
+    sigmas, the velocity weighs them evenly.
+    """
+    return (x - denoised) / sigma
+
+
 def noise_difference_map(eps_target: torch.Tensor, eps_source: torch.Tensor) -> torch.Tensor:
     """DiffEdit's map: mean over the sample dims and channels of |eps_target - eps_source|.
 
@@ -154,9 +170,10 @@ class AttentionMaps:
     def mean(self) -> torch.Tensor:
         """[B, h, w]: the mean over every recorded layer and step."""
         if self.total is None:
-            raise XMGIEInputError("No cross-attention layer ran, so there is no attention map: this model has no "
-                                  "U-Net cross-attention (SD1.x, SD2 and SDXL have it; DiT models such as Flux or "
-                                  "SD3 do not). Use the noise-difference or CLIPSeg mode with it.")
+            raise XMGIEInputError("No text attention layer ran, so there is no attention map: this model has neither "
+                                  "U-Net cross-attention (SD1.x, SD2, SDXL) nor a supported joint attention (Flux / "
+                                  "FLUX.1 Kontext, Qwen-Image(-Edit)). Use the noise-difference or CLIPSeg mode "
+                                  "with it.")
         return self.total / self.count
 
 
@@ -169,12 +186,38 @@ def attend_and_record(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     return merge_heads(probs @ split_heads(v.float(), heads)).to(q.dtype)
 
 
-def check_latent(latent: torch.Tensor, channels: int) -> torch.Tensor:
-    """A VAE-encoded latent [B, channels, h, w] (float, finite); returned unchanged."""
-    if not isinstance(latent, torch.Tensor) or latent.ndim != 4 or latent.shape[1] != channels:
+def joint_attention_map(q: torch.Tensor, k: torch.Tensor, image: slice, positions: torch.Tensor,
+                        grid: tuple[int, int], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The edit words' map of one DiT joint-attention call: q, k [B, heads, N, d] over the joint sequence
+    [text | generated image | reference images]. For the generated image's queries (rows `image`),
+    P = softmax(q k^T / sqrt(d) + mask) over the whole joint sequence, summed over the edit words' text columns
+    `positions`, mean over heads (`token_attention`) -> [B, h, w]. `mask` is the attention's own (boolean: False is
+    masked out; else added to the logits; [N, N], [B, N, N] or [B, 1|heads, N, N]). One head at a time, so memory
+    stays at [B, h*w, N]."""
+    if mask is not None:
+        mask = mask.reshape(*(1,) * (4 - mask.ndim), *mask.shape)[..., image, :]
+    heads, total = q.shape[1], None
+    for head in range(heads):
+        logits = q[:, head:head + 1, image].float() @ k[:, head:head + 1].float().transpose(-1, -2)
+        logits = logits * q.shape[-1] ** -0.5
+        if mask is not None:
+            m = mask[:, head:head + 1] if mask.shape[1] > 1 else mask
+            logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+        layer = token_attention(logits.softmax(dim=-1), positions, grid)
+        total = layer if total is None else total + layer
+    return total / heads
+
+
+def check_latent(latent: torch.Tensor, channels: int, frames: bool = False) -> torch.Tensor:
+    """A VAE-encoded latent [B, channels, h, w] (float, finite), or with `frames` one frame [B, channels, 1, h, w]
+    (Qwen-Image's Wan 2.1 latents); returned unchanged."""
+    expected = [None, channels, 1, None, None] if frames else [None, channels, None, None]
+    if not isinstance(latent, torch.Tensor) or latent.ndim != len(expected) \
+            or any(e is not None and e != n for e, n in zip(expected, latent.shape)):
         shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
-        raise XMGIEInputError(f"The latent has shape {shape} but this model works on [batch, {channels}, height, "
-                              "width] latents: encode the image with this model's VAE (VAE Encode).")
+        layout = f"[batch, {channels}, 1, height, width]" if frames else f"[batch, {channels}, height, width]"
+        raise XMGIEInputError(f"The latent has shape {shape} but this model works on {layout} latents: encode the "
+                              "image with this model's VAE (VAE Encode).")
     if not latent.is_floating_point() or min(latent.shape) == 0:
         raise XMGIEInputError(f"The latent must be a non-empty float tensor, got dtype {latent.dtype} and shape "
                               f"{tuple(latent.shape)}; connect the output of VAE Encode.")
