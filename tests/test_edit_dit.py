@@ -1,5 +1,6 @@
-"""The headless DiT editor (`python -m xmgie_core edit --editor kontext --checkpoint DIR`) on a tiny random-weight
-FluxKontextPipeline saved in diffusers' folder layout (tests/fixtures/tiny_dit_pipelines.py, built offline): the
+"""The headless DiT editors (`python -m xmgie_core edit --editor kontext|qwen-edit --checkpoint DIR`) on tiny
+random-weight FluxKontextPipeline / QwenImageEditPlusPipeline folders in diffusers' layout
+(tests/fixtures/tiny_dit_pipelines.py, built offline, tokenizers included): the
 seam's token layout and hooks (hosts/diffusers/dit.py), CAM on the joint attention against a naive eqs 10-12, PFB's
 invariants through the pipeline's own call (hosts/diffusers/dit_edit.py), the CLI end to end, the model unchanged,
 and the errors a user can cause."""
@@ -16,12 +17,12 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from fixtures.tiny_dit_pipelines import kontext_inputs, save_kontext
+from fixtures.tiny_dit_pipelines import kontext_inputs, save_kontext, save_qwen_edit
 from xmgie_core.apps import cli
 from xmgie_core.cam import TokenRestriction
 from xmgie_core.errors import XMGIEInputError
 from xmgie_core.hosts.diffusers import dit
-from xmgie_core.hosts.diffusers.dit_edit import CAMSettings, DiTEditor, dit_edit
+from xmgie_core.hosts.diffusers.dit_edit import CAMSettings, DiTEditor, dit_edit, restriction, to_pil
 from xmgie_core.hosts.diffusers.models import load_dit_pipeline
 from xmgie_core.masks import RegionPyramid
 from xmgie_core.pfb import PFBSettings
@@ -187,7 +188,7 @@ def test_cam_processors_with_the_region_everywhere_equal_the_stock_transformer(e
 def edit(editor, photo, mask, cam_mask=None, **kw):
     settings = PFBSettings(mask, layers=kw.pop("layers", "auto"), latent_end=kw.pop("latent_end", 1.0))
     cam = None if cam_mask is None else CAMSettings(TokenRestriction(torch.tensor([7, 8])), cam_mask)
-    return dit_edit(editor, photo, TARGET, SOURCE_TEXT, settings, cam, steps=kw.pop("steps", 3), guidance=2.5,
+    return dit_edit(editor, photo, TARGET, SOURCE_TEXT, settings, cam, steps=kw.pop("steps", 3), cfg=2.5,
                     seed=kw.pop("seed", 1), **kw)
 
 
@@ -324,3 +325,92 @@ def test_an_sd15_folder_given_as_kontext_names_the_editor_to_use(scarf_mask, tmp
                   str(scarf_mask))
     err = capsys.readouterr().err
     assert code == 2 and "holds a StableDiffusionPipeline pipeline, not the FluxKontextPipeline" in err
+
+
+# ------------------------------------------------------------------------------------------ Qwen-Image-Edit
+
+@pytest.fixture
+def small_reference(monkeypatch):
+    """The Qwen pipeline encodes its reference image at ~1 MP (VAE_IMAGE_SIZE), 20 s on CPU for the tiny VAE: the
+    tests shrink that constant (the pipeline's own code reads it at call time; both sides of each comparison run
+    under it)."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as module
+
+    monkeypatch.setattr(module, "VAE_IMAGE_SIZE", 64 * 64)
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory) -> Path:
+    return save_qwen_edit(tmp_path_factory.mktemp("qwen") / "Qwen-Image-Edit-tiny")
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_folder) -> DiTEditor:
+    return DiTEditor(load_dit_pipeline(qwen_folder, "qwen-edit", "cpu", torch.float32), "qwen-edit", str(qwen_folder))
+
+
+def test_qwen_layout_has_double_blocks_only(qwen):
+    blocks = dit.find(qwen.pipe.transformer)
+    assert blocks.family == dit.QWEN_IMAGE and blocks.layout().names == ["double_0", "double_1"]
+    z = torch.randn(1, 16, 1, 6, 8)
+    assert torch.equal(dit.pack(z), qwen.pipe._pack_latents(z[:, :, 0], 1, 16, 6, 8))
+
+
+def test_qwen_edit_words_are_found_through_the_chat_template_and_image_placeholder(qwen, photo):
+    """Qwen2.5-VL's text model is causal: two prompts that differ from the edit word on encode to the same states
+    up to the position found for it, and differ there (template, 'Picture 1:' with the expanded image tokens and
+    the dropped system prefix all counted)."""
+    prompts = ("give the astronaut a red scarf", "give the astronaut a blue scarf")
+    position = restriction(qwen, photo, prompts[0], ["red"]).edit.tolist()
+    assert len(position) == 1 and restriction(qwen, photo, prompts[1], ["blue"]).edit.tolist() == position
+    assert restriction(qwen, photo, prompts[0], ["red scarf"]).edit.tolist() == [position[0], position[0] + 1]
+    condition = qwen.pipe.image_processor.resize(to_pil(photo), 384, 384)  # as the pipeline reads a square photo
+    with torch.no_grad():
+        a, b = (qwen.pipe.encode_prompt(p, image=[condition], device="cpu")[0] for p in prompts)
+    p = position[0]
+    assert a.shape == b.shape and p < a.shape[1]
+    assert torch.allclose(a[:, :p], b[:, :p], atol=1e-6) and not torch.allclose(a[:, p], b[:, p], atol=1e-4)
+    with pytest.raises(XMGIEInputError, match="cannot be located in the prompt"):
+        restriction(qwen, photo, prompts[0], ["green hat"])
+
+
+def test_qwen_full_mask_with_cam_is_the_pipelines_own_edit(qwen, photo, small_reference):
+    """True CFG (two calls per step, both blended, CAM on the edit prompt's) with a full mask: exactly the
+    pipeline's own output."""
+    prompt = "give the astronaut a red scarf"
+    before = fingerprint(qwen.pipe.transformer)
+    cam = CAMSettings(restriction(qwen, photo, prompt, ["red scarf"]), torch.ones(1, 64, 64))
+    ours = dit_edit(qwen, photo, prompt, SOURCE_TEXT, PFBSettings(torch.ones(1, 64, 64), latent_end=1.0), cam,
+                    steps=2, cfg=4.0, seed=1)
+    with torch.no_grad():
+        stock = qwen.pipe(image=to_pil(photo), prompt=prompt, negative_prompt=" ", true_cfg_scale=4.0, height=64,
+                          width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(1),
+                          output_type="pt").images.movedim(1, -1)
+    assert (ours - stock).abs().max() < 1e-4
+    assert same_model(fingerprint(qwen.pipe.transformer), before)
+
+
+def test_qwen_outside_the_mask_the_latent_is_the_source_exactly(qwen, photo, small_reference):
+    pipe = qwen.pipe
+    out = decoded_latents(qwen, lambda: dit_edit(qwen, photo, "give the astronaut a red scarf", SOURCE_TEXT,
+                                                 PFBSettings(box(), latent_end=1.0), steps=2, cfg=4.0, seed=1))
+    with torch.no_grad():
+        z = pipe._encode_vae_image(pipe.image_processor.preprocess(photo.movedim(-1, 1), 64, 64)[:, :, None], None)
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, 16, 1, 1, 1)
+    outside = torch.nn.functional.adaptive_avg_pool2d(box()[:, None], (8, 8))[0, 0] == 0
+    expected = z / std + mean  # the pipeline's own unnormalisation before its VAE
+    assert torch.equal(out[..., outside], expected[..., outside])
+    assert (out[..., ~outside] - expected[..., ~outside]).abs().max() > 1e-2
+
+
+def test_cli_edits_with_qwen_edit_end_to_end(qwen_folder, scarf_mask, tmp_path, small_reference):
+    code, files = run(tmp_path, "--editor", "qwen-edit", "--checkpoint", str(qwen_folder), "--mask",
+                      str(scarf_mask), *FAST)
+    assert code == 0
+    out, source = pixels(files["edit"]), pixels(SOURCE)
+    region = pixels(scarf_mask)[..., 0] >= 128
+    far = ndimage.distance_transform_edt(~region) > 17
+    assert np.array_equal(out[far], source[far]) and (out[region] != source[region]).any(axis=-1).mean() > 0.5
+    report = json.loads(files["report"].read_text())
+    assert report["editor"] == "qwen-edit" and report["settings"]["cfg"] == 4.0

@@ -41,6 +41,7 @@ from ..hosts.diffusers.tokens import hf_token_positions
 from ..validation import check_range, mask_for_image, rgb_image
 from ..hosts.diffusers.cam import cross_attention_masking
 from ..hosts.diffusers.dit_edit import CAMSettings, DiTEditor, dit_edit
+from ..hosts.diffusers.dit_edit import restriction as dit_restriction
 from ..hosts.diffusers.models import SD15
 from ..hosts.diffusers.pfb import pfb_edit
 from ..hosts.diffusers.region import diffusers_noise_difference
@@ -61,8 +62,7 @@ cards (Kontext's cfg is its distilled guidance, Qwen-Edit's the true CFG scale),
 reference image carries the photo), ~1 MP crops."""
 DIT_MULTIPLE = 16
 """The DiT pipelines' size step: VAE 8x times the 2 x 2 token packing."""
-T5_TOKENS = 512
-"""Kontext's padded T5 prompt (max_sequence_length)."""
+
 Log = Callable[[str], None]
 
 
@@ -206,11 +206,10 @@ def predict_region(models: SD15, image: torch.Tensor, plan: EditPlan, s: EditSet
     return finish_region(score, image.shape[1], image.shape[2], finish)
 
 
-def restriction_for(tokenizer, plan: EditPlan, max_length: int = CONTEXT_TOKENS) -> TokenRestriction:
-    """CAM's token positions: the edit words (inside only) and background words (outside only) of the target,
-    in its encoding padded to `max_length` (SD1.5's CLIP: 77; Kontext's T5: 512)."""
-    edit = hf_token_positions(tokenizer, plan.target_description, ", ".join(plan.edit_words), max_length)
-    back = hf_token_positions(tokenizer, plan.target_description, ", ".join(plan.background_words), max_length,
+def restriction_for(models: SD15, plan: EditPlan) -> TokenRestriction:
+    """CAM's token positions: the edit words (inside only) and background words (outside only) of the target."""
+    edit = hf_token_positions(models.tokenizer, plan.target_description, ", ".join(plan.edit_words))
+    back = hf_token_positions(models.tokenizer, plan.target_description, ", ".join(plan.background_words),
                               what="background words") if plan.background_words else []
     return TokenRestriction(torch.tensor(edit), torch.tensor(back, dtype=torch.long))
 
@@ -224,7 +223,7 @@ def sample_crop(models: SD15, crop_image: torch.Tensor, cam_mask: torch.Tensor, 
     source_cond = encode_text(models, plan.source_description)
     settings = PFBSettings(mask=pfb_mask, layers=s.layers, outside_weight=s.outside_weight,
                            latent_end=s.latent_blend_end, source_mode=s.source_mode)
-    cam = cross_attention_masking(models.unet, restriction_for(models.tokenizer, plan), cam_mask, s.cam_mode,
+    cam = cross_attention_masking(models.unet, restriction_for(models, plan), cam_mask, s.cam_mode,
                                   rows=slice(z.shape[0], None))
     with cam:
         return pfb_edit(models.unet, models.scheduler, z, cond, uncond, source_cond, settings, s.steps, s.cfg,
@@ -233,13 +232,14 @@ def sample_crop(models: SD15, crop_image: torch.Tensor, cam_mask: torch.Tensor, 
 
 def sample_crop_dit(editor: DiTEditor, crop_image: torch.Tensor, cam_mask: torch.Tensor, pfb_mask: torch.Tensor,
                     plan: EditPlan, s: EditSettings) -> torch.Tensor:
-    """The DiT editor's sampling of the crop with PFB and CAM (CAM on the edit prompt's call only, as sample_crop)
-    -> the decoded crop IMAGE."""
+    """The DiT editor's sampling of the crop with PFB and CAM -> the decoded crop IMAGE. The editor is prompted with
+    the instruction itself (both are instruction-tuned) and CAM restricts the edit words in it (on the edit
+    prompt's call only, as sample_crop); the source branch gets the source description."""
     settings = PFBSettings(mask=pfb_mask, layers=s.layers, outside_weight=s.outside_weight,
                            latent_end=s.latent_blend_end, source_mode=s.source_mode)
-    cam = CAMSettings(restriction_for(editor.pipe.tokenizer_2, plan, T5_TOKENS), cam_mask, s.cam_mode)
-    return dit_edit(editor, crop_image, plan.target_description, plan.source_description, settings, cam, s.steps,
-                    s.cfg, s.denoise, s.seed)
+    cam = CAMSettings(dit_restriction(editor, crop_image, s.instruction, list(plan.edit_words)), cam_mask, s.cam_mode)
+    return dit_edit(editor, crop_image, s.instruction, plan.source_description, settings, cam, s.steps, s.cfg,
+                    s.denoise, s.seed)
 
 
 def protect_faces(backend, crop_image: torch.Tensor, crop_mask: torch.Tensor, strength: float,
