@@ -50,14 +50,6 @@ class DiTEditor:
     source: str
     tiny: bool = False
 
-    @property
-    def device(self) -> torch.device:
-        return self.pipe.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
-
 
 @dataclass
 class CAMSettings:
@@ -267,17 +259,16 @@ def dit_edit(editor: DiTEditor, pixels: torch.Tensor, target: str, source: str, 
             current["source"] = False
         return x - sigma * dit.unpack(velocity, x)
 
-    branch = None
+    branch = pfb_run.open_source_branch(settings, plan, z, schedule, schedule[-2], run_pass,
+                                        ("diffusers-dit", id(transformer), src, cfg), (transformer,), z.device,
+                                        flow_noise_scaling)
 
     def before_call(module, args, kwargs):
-        nonlocal branch
+        """Each of the pipeline's transformer calls: arm the blender with this sigma's source features (and CAM
+        on the edit prompt's call); the source pass's own (re-entrant) call passes through."""
         if current.get("source"):
             return None
         sigma = float(kwargs["timestep"].flatten()[0])
-        if branch is None:
-            branch = pfb_run.open_source_branch(settings, plan, z, schedule, schedule[-2], run_pass,
-                                                ("diffusers-dit", id(transformer), src, cfg),
-                                                (transformer,), z.device, flow_noise_scaling)
         layers = plan.active_layers(sigma)
         current["kwargs"] = kwargs
         features = branch.features(sigma) if layers else {}
@@ -288,6 +279,7 @@ def dit_edit(editor: DiTEditor, pixels: torch.Tensor, target: str, source: str, 
         return None
 
     def after_step(pipeline, i: int, t, outputs: dict) -> dict:
+        """Eq 23 after step i, towards the source trajectory at the next sigma (the source latent at the end)."""
         if not plan.latent_active(schedule[i]):
             return {}
         x = dit.unpack(outputs["latents"], z)
