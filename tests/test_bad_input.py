@@ -373,3 +373,42 @@ def test_region_node_bad_input(pack, case):
     with pytest.raises(ValueError) as err:
         pack.NODE_CLASS_MAPPINGS["XMGIERegionPredictor"]().predict(**{**REGION_ARGS, **change})
     assert re.search(what, str(err.value)) and re.search(fix, str(err.value)), f"{case}: {err.value}"
+
+
+EDIT_EDITOR_CASES = {  # `edit --editor kontext|qwen-edit`: each stops before any model loads, nothing written
+    "unknown editor": (["--editor", "flux2"], r"argument --editor: invalid choice: 'flux2'", "choose from 'sd15', 'kontext', 'qwen-edit'"),
+    "no checkpoint": (["--editor", "kontext", "--mask", "{mask}"], "--editor kontext needs --checkpoint DIR",
+                      "local diffusers folder"),
+    "no mask": (["--editor", "kontext", "--checkpoint", "{dir}"], "--editor kontext needs the edit region",
+                "pass --mask FILE"),
+    "--tiny with kontext": (["--editor", "kontext", "--tiny", "--mask", "{mask}"], "--tiny belong.* SD1.5 edit",
+                            "leave it out"),
+    "--config and --draws": (["--editor", "qwen-edit", "--config", "{dir}", "--draws", "3", "--mask", "{mask}"],
+                             "--config, --draws belong.* not --editor qwen-edit", "leave them out"),
+    "folder missing": (["--editor", "kontext", "--checkpoint", "{dir}/nowhere", "--mask", "{mask}"],
+                       "is not a diffusers folder", "FLUX.1-Kontext-dev"),
+    "a file, not a folder": (["--editor", "qwen-edit", "--checkpoint", "{text}", "--mask", "{mask}"],
+                             "is not a diffusers folder", "Qwen-Image-Edit-2509 .*model_index.json"),
+    "corrupt model_index": (["--editor", "kontext", "--checkpoint", "{dir}/corrupt", "--mask", "{mask}"],
+                            "model_index.json .* looks truncated or corrupt", "Replace the file"),
+    "a Kontext folder as qwen-edit": (["--editor", "qwen-edit", "--checkpoint", "{dir}/kontext", "--mask", "{mask}"],
+                                      "holds a FluxKontextPipeline pipeline, not the QwenImageEditPlusPipeline",
+                                      "use --editor kontext"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDIT_EDITOR_CASES))
+def test_cli_edit_editor_bad_input(case, files, tmp_path, capsys):
+    argv, what, fix = EDIT_EDITOR_CASES[case]
+    (tmp_path / "in" / "corrupt").mkdir()
+    (tmp_path / "in" / "corrupt" / "model_index.json").write_text('{"_class_name": "FluxKontextPipeline"')
+    (tmp_path / "in" / "kontext").mkdir()
+    (tmp_path / "in" / "kontext" / "model_index.json").write_text('{"_class_name": "FluxKontextPipeline"}')
+    argv = [a.format(dir=tmp_path / "in", **files) for a in argv]
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert cli(["edit", "--image", str(files["rgb"]), "--instruction", "give the man a red scarf", "--out",
+                str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    assert re.search(what, err) and re.search(fix, err), f"{case}: {err}"
+    assert sorted(p for p in tmp_path.rglob("*")) == before, "an output was written although the run failed"

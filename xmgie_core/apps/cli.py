@@ -1,6 +1,7 @@
 """Headless command line: `python -m xmgie_core edit ...` runs the whole edit on a photo through the diffusers host
-(instruction -> region -> crop -> CAM + PFB -> decode -> identity score -> GB composite); `python -m xmgie_core gb ...`
-runs GB compositing on image files."""
+(instruction -> region -> crop -> CAM + PFB -> decode -> identity score -> GB composite) on SD1.5 or, with
+`--editor kontext`, on FLUX.1 Kontext's diffusers pipeline; `python -m xmgie_core gb ...` runs GB compositing on
+image files."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Callable, NoReturn
 
+import torch
+
 from .. import gb
 from ..device import resolve_device
 from ..errors import XMGIEInputError
 from ..instruction.rules import rules_plan
 from . import evaluate
-from .edit import SETTING_HINTS, SETTING_RANGES, EditSettings
+from .edit import EDITOR_DEFAULTS, EDITORS, MASK_NEEDED, SETTING_HINTS, SETTING_RANGES, EditSettings
 from ..image_io import check_out_dir, load_image, load_mask, save_image, unused_stem
 from ..validation import check_range
 
@@ -50,17 +53,44 @@ EDIT = EditSettings("")
 """The edit's defaults (the bundled xmgie_edit workflow's), shown by --help."""
 
 
+def check_editor_arguments(args: argparse.Namespace) -> None:
+    """What a DiT editor needs (a diffusers folder and a mask) and the SD1.5-only options it cannot take."""
+    if args.editor == "sd15":
+        if args.checkpoint is None and not args.tiny:
+            raise XMGIEInputError(NO_MODEL)
+        if args.checkpoint is not None and args.tiny:
+            raise XMGIEInputError("--tiny and --checkpoint exclude each other: --tiny uses tiny random-weight models.")
+        return
+    only_sd15 = [flag for flag, given in (("--tiny", args.tiny), ("--config", args.config is not None),
+                                          ("--draws", args.draws is not None)) if given]
+    if only_sd15:
+        raise XMGIEInputError(f"{', '.join(only_sd15)} belong(s) to the SD1.5 edit, not --editor {args.editor}: "
+                              f"leave {'them' if len(only_sd15) > 1 else 'it'} out.")
+    if args.checkpoint is None:
+        raise XMGIEInputError(f"--editor {args.editor} needs --checkpoint DIR: the local diffusers folder of the "
+                              "model (e.g. FLUX.1-Kontext-dev as downloaded, with model_index.json).")
+    if args.mask is None:
+        raise XMGIEInputError(MASK_NEEDED.format(editor=args.editor))
+
+
+def edit_settings(args: argparse.Namespace) -> EditSettings:
+    """The edit's settings: the given numbers, the editor's defaults (EDITOR_DEFAULTS) for the rest."""
+    defaults = {**{k: getattr(EDIT, k) for k in ("steps", "cfg", "denoise", "working_size", "region_draws")},
+                **EDITOR_DEFAULTS.get(args.editor, {})}
+    given = {"steps": args.steps, "cfg": args.cfg, "denoise": args.denoise, "working_size": args.working_size,
+             "region_draws": args.draws}
+    chosen = {k: defaults[k] if v is None else v for k, v in given.items()}
+    return EditSettings(args.instruction, args.seed, context_factor=args.context_factor,
+                        face_protection=args.face_protection, **chosen)
+
+
 def run_edit(args: argparse.Namespace) -> list[Path]:
     from ..hosts.diffusers import models as sd15
+    from ..hosts.diffusers.dit_edit import DiTEditor
     from . import edit as de
 
-    if args.checkpoint is None and not args.tiny:
-        raise XMGIEInputError(NO_MODEL)
-    if args.checkpoint is not None and args.tiny:
-        raise XMGIEInputError("--tiny and --checkpoint exclude each other: --tiny uses tiny random-weight models.")
-    settings = de.EditSettings(args.instruction, args.seed, args.steps, args.cfg, args.denoise,
-                               region_draws=args.draws, context_factor=args.context_factor,
-                               working_size=args.working_size, face_protection=args.face_protection)
+    check_editor_arguments(args)
+    settings = edit_settings(args)
     device = resolve_device(args.device)
     out = check_out_dir(args.out)
     photo = load_image(args.image)[0]
@@ -69,7 +99,12 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
     backend = de.face_backend_for(args.identity, args.insightface_root, args.insightface_pack)
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory() as tokenizer_dir:
-        if args.tiny:
+        if args.editor != "sd15":
+            log(f"loading {args.checkpoint} ...")
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            models = DiTEditor(sd15.load_dit_pipeline(args.checkpoint, args.editor, device, dtype), args.editor,
+                               str(args.checkpoint))
+        elif args.tiny:
             log("loading TINY RANDOM-WEIGHT models: this checks the plumbing, the picture will not be an edit")
             models = sd15.tiny_sd15(Path(tokenizer_dir), device)
         else:
@@ -107,24 +142,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="composite: width of the blend zone, pixels (%g..%g)" % gb.EDGE_WIDTH_RANGE)
     g.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     g.set_defaults(run=run_gb)
-    e = sub.add_parser("edit", help="The whole instruction edit of a photo on an SD1.5 checkpoint (diffusers).")
+    e = sub.add_parser("edit", help="The whole instruction edit of a photo on an SD1.5 checkpoint or a DiT editor "
+                                    "(diffusers).")
     e.add_argument("--image", type=Path, required=True, help="the photo to edit (any size: the region is cropped)")
     e.add_argument("--instruction", required=True, help="e.g. 'give the man a red scarf'")
     e.add_argument("--mask", type=Path, help="greyscale edit region, white = edit (default: predicted)")
-    e.add_argument("--checkpoint", type=Path, help="SD1.5: a diffusers folder or a single .safetensors file")
+    e.add_argument("--editor", choices=EDITORS, default="sd15",
+                   help="the model that edits: sd15 (default), kontext (FLUX.1 Kontext) or qwen-edit "
+                        "(Qwen-Image-Edit-2509); the DiT editors need --checkpoint DIR and --mask")
+    e.add_argument("--checkpoint", type=Path, help="SD1.5: a diffusers folder or a single .safetensors file; "
+                                                   "kontext / qwen-edit: the model's local diffusers folder")
     e.add_argument("--config", type=Path, help="with a single-file --checkpoint: a local diffusers SD1.5 folder")
     e.add_argument("--tiny", action="store_true", help="tiny random-weight models: checks the plumbing only")
     e.add_argument("--seed", type=setting("seed", int), default=EDIT.seed)
-    e.add_argument("--steps", type=setting("steps", int), default=EDIT.steps, help="sampling steps")
-    e.add_argument("--cfg", type=setting("cfg", float), default=EDIT.cfg, help="classifier-free guidance scale")
-    e.add_argument("--denoise", type=setting("denoise", float), default=EDIT.denoise,
-                   help="fraction of the schedule run from the photo (above 0, at most 1)")
-    e.add_argument("--draws", type=setting("region_draws", int), default=EDIT.region_draws,
-                   help="noise draws of the region prediction")
+    e.add_argument("--steps", type=setting("steps", int), help=f"sampling steps ({by_editor('steps')})")
+    e.add_argument("--cfg", type=setting("cfg", float),
+                   help=f"guidance scale: SD1.5's and Qwen-Edit's CFG, Kontext's distilled guidance ({by_editor('cfg')})")
+    e.add_argument("--denoise", type=setting("denoise", float),
+                   help=f"fraction of the schedule run from the photo, above 0, at most 1 ({by_editor('denoise')})")
+    e.add_argument("--draws", type=setting("region_draws", int),
+                   help=f"noise draws of the region prediction, SD1.5 only (default {EDIT.region_draws})")
     e.add_argument("--context-factor", type=setting("context_factor", float), default=EDIT.context_factor,
                    help="crop = region box sides times this")
-    e.add_argument("--working-size", type=setting("working_size", int), default=EDIT.working_size,
-                   help="longer side of the crop the model sees")
+    e.add_argument("--working-size", type=setting("working_size", int),
+                   help=f"longer side of the crop the model sees ({by_editor('working_size')})")
     e.add_argument("--face-protection", type=setting("face_protection", float), default=EDIT.face_protection,
                    help="0..1: keep faces the edit overlaps")
     e.add_argument("--identity", choices=("dlib", "auto", "insightface", "none"), default="dlib",
@@ -139,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(run=run_edit)
     evaluate.add_arguments(sub.add_parser("eval", help="Score an editor over a dataset (MagicBrush, Emu Edit metrics)"))
     return p
+
+
+def by_editor(name: str) -> str:
+    """The defaults of a setting per editor, for --help."""
+    other = ", ".join(f"{e} {d[name]:g}" for e, d in EDITOR_DEFAULTS.items())
+    return f"default: sd15 {getattr(EDIT, name):g}, {other}"
 
 
 def setting(name: str, kind: type) -> Callable[[str], int | float]:

@@ -8,6 +8,10 @@ bundled xmgie_edit workflow:
   z_edit   = PFB (eqs 5, 23) with CAM (eqs 10-12) on the crop, faces the edit overlaps protected
   X_out    = gb_composite(stitch(decode(z_edit)), X, M)     (the photo bit for bit outside the blend zone)
   IPS      = min over faces of cos(E_id(X_out), E_id(X))     (faces searched coarse to fine and in the crop)
+
+The DiT editors (`editor` kontext; hosts/diffusers/dit_edit.py) take the same path with a given region: the crop at
+their working size in multiples of 16, their own pipeline sampling from the crop as its reference image with PFB and
+CAM on top, decoded by the pipeline, then stitch, GB composite and identity as above.
 """
 
 from __future__ import annotations
@@ -36,14 +40,29 @@ from ..region.zeroshot import spread_around, working_pixels
 from ..hosts.diffusers.tokens import hf_token_positions
 from ..validation import check_range, mask_for_image, rgb_image
 from ..hosts.diffusers.cam import cross_attention_masking
+from ..hosts.diffusers.dit_edit import CAMSettings, DiTEditor, dit_edit
+from ..hosts.diffusers.dit_edit import restriction as dit_restriction
 from ..hosts.diffusers.models import SD15
 from ..hosts.diffusers.pfb import pfb_edit
 from ..hosts.diffusers.region import diffusers_noise_difference
 
 CONTEXT_TOKENS = 77
 """SD1.5's CLIP context (hf_token_positions counts in it too)."""
+MASK_NEEDED = ("--editor {editor} needs the edit region: pass --mask FILE (white = edit). The region prediction runs on "
+               "SD1.5 only headless; predict it with --editor sd15 first or paint it.")
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
 STAGES = ("instruction", "region", "crop", "sampling", "decode", "identity", "composite")
+EDITORS = ("sd15", "kontext", "qwen-edit")
+EDITOR_DEFAULTS = {
+    "kontext": {"steps": 28, "cfg": 2.5, "denoise": 1.0, "working_size": 1024},
+    "qwen-edit": {"steps": 40, "cfg": 4.0, "denoise": 1.0, "working_size": 1024},
+}
+"""The DiT editors' own defaults where they differ from SD1.5's (EditSettings): steps and guidance of their model
+cards (Kontext's cfg is its distilled guidance, Qwen-Edit's the true CFG scale), sampling from pure noise (the
+reference image carries the photo), ~1 MP crops."""
+DIT_MULTIPLE = 16
+"""The DiT pipelines' size step: VAE 8x times the 2 x 2 token packing."""
+
 Log = Callable[[str], None]
 
 
@@ -122,12 +141,13 @@ class EditResult:
     identity: str = ""
     notes: list[str] = field(default_factory=list)
 
-    def report(self, settings: EditSettings, models: SD15) -> dict:
-        """The JSON report: settings, plan, edit words, crop, timings per stage (s), identity, notes."""
+    def report(self, settings: EditSettings, models: SD15 | DiTEditor) -> dict:
+        """The JSON report: editor, settings, plan, edit words, crop, timings per stage (s), identity, notes."""
         return {
             "tiny_random_models": models.tiny,
             **({"warning": "TINY RANDOM-WEIGHT MODELS: this checks the plumbing only; the picture is not an edit. "
                            "Pass --checkpoint with an SD1.5 checkpoint for a real edit."} if models.tiny else {}),
+            "editor": models.editor if isinstance(models, DiTEditor) else "sd15",
             "checkpoint": models.source,
             "settings": asdict(settings),
             "plan": asdict(self.plan),
@@ -215,6 +235,18 @@ def sample_crop(models: SD15, crop_image: torch.Tensor, cam_mask: torch.Tensor, 
                         s.denoise, torch.Generator().manual_seed(s.seed))
 
 
+def sample_crop_dit(editor: DiTEditor, crop_image: torch.Tensor, cam_mask: torch.Tensor, pfb_mask: torch.Tensor,
+                    plan: EditPlan, s: EditSettings) -> torch.Tensor:
+    """The DiT editor's sampling of the crop with PFB and CAM -> the decoded crop IMAGE. The editor is prompted with
+    the instruction itself (both are instruction-tuned) and CAM restricts the edit words in it (on the edit
+    prompt's call only, as sample_crop); the source branch gets the source description."""
+    settings = PFBSettings(mask=pfb_mask, layers=s.layers, outside_weight=s.outside_weight,
+                           latent_end=s.latent_blend_end, source_mode=s.source_mode)
+    cam = CAMSettings(dit_restriction(editor, crop_image, s.instruction, list(plan.edit_words)), cam_mask, s.cam_mode)
+    return dit_edit(editor, crop_image, s.instruction, plan.source_description, settings, cam, s.steps, s.cfg,
+                    s.denoise, s.seed)
+
+
 def protect_faces(backend, crop_image: torch.Tensor, crop_mask: torch.Tensor, strength: float,
                   notes: list[str]) -> torch.Tensor:
     """The PFB mask with the faces the edit overlaps (but does not target) taken out, as the PFB node's id_embed."""
@@ -244,13 +276,16 @@ def score_identity(backend, source: IdEmbed | None, edited: torch.Tensor,
     return score_images(backend, source, edited, regions)
 
 
-def edit_photo(models: SD15, image: torch.Tensor, settings: EditSettings, mask: torch.Tensor | None = None,
+def edit_photo(models: SD15 | DiTEditor, image: torch.Tensor, settings: EditSettings, mask: torch.Tensor | None = None,
                face_backend=None, log: Log | None = None, plan: EditPlan | None = None) -> EditResult:
-    """The whole edit of one photo IMAGE [1,H,W,3] (0..1). `mask` [1,H,W] replaces the predicted region; `plan`
-    the rules backend's reading of the instruction."""
+    """The whole edit of one photo IMAGE [1,H,W,3] (0..1). `mask` [1,H,W] replaces the predicted region (a DiT
+    editor needs it); `plan` the rules backend's reading of the instruction."""
     image = rgb_image(image, "photo")
     if image.shape[0] != 1:
         raise XMGIEInputError(f"edit_photo edits one photo at a time, got a batch of {image.shape[0]}.")
+    dit = isinstance(models, DiTEditor)
+    if dit and mask is None:
+        raise XMGIEInputError(MASK_NEEDED.format(editor=models.editor))
     image = image.float()
     watch, notes = Stopwatch(log), []
     with watch.stage("instruction"):
@@ -263,7 +298,8 @@ def edit_photo(models: SD15, image: torch.Tensor, settings: EditSettings, mask: 
             soft = mask
         overlay = region_preview(image, mask, soft)
     with watch.stage("crop"):
-        geometry = cs.plan_crop(mask, settings.context_factor, settings.working_size, settings.multiple,
+        multiple = max(settings.multiple, DIT_MULTIPLE) if dit else settings.multiple
+        geometry = cs.plan_crop(mask, settings.context_factor, settings.working_size, multiple,
                                 settings.max_upscale, photo=image)
         crop_image, crop_mask = cs.crop_image(image, geometry), cs.crop_mask(mask, geometry, image)
     with watch.stage("identity"):
@@ -276,10 +312,14 @@ def edit_photo(models: SD15, image: torch.Tensor, settings: EditSettings, mask: 
         notes.append("the region is empty: nothing was edited (the photo is returned unchanged)")
         result = image.clone()
     else:
-        with watch.stage("sampling"):
-            latent = sample_crop(models, crop_image, crop_mask, pfb_mask, plan, settings)
-        with watch.stage("decode"):
-            decoded = decode_latent(models, latent)
+        if dit:
+            with watch.stage("sampling"):  # the pipeline decodes too
+                decoded = sample_crop_dit(models, crop_image, crop_mask, pfb_mask, plan, settings)
+        else:
+            with watch.stage("sampling"):
+                latent = sample_crop(models, crop_image, crop_mask, pfb_mask, plan, settings)
+            with watch.stage("decode"):
+                decoded = decode_latent(models, latent)
         with watch.stage("composite"):
             stitched = cs.stitch(decoded, image, geometry)
             result = gb.gb_composite(stitched, image, mask, settings.sigma_max, settings.sigma_scale,

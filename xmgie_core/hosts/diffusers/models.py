@@ -1,9 +1,11 @@
-"""SD1.5 for the diffusers host, the one loader of the pack: a diffusers folder, or a single .safetensors checkpoint
-plus a local diffusers config folder (offline, safetensors only, no safety checker); or the tiny random-weight models
-(xmgie_core.tiny) that check the plumbing. SD15 holds the parts the edit, the data builder and the benchmarks use."""
+"""The diffusers host's model loaders. SD1.5: a diffusers folder, or a single .safetensors checkpoint plus a local
+diffusers config folder (offline, safetensors only, no safety checker); or the tiny random-weight models
+(xmgie_core.tiny) that check the plumbing. SD15 holds the parts the edit, the data builder and the benchmarks use.
+DiT editors (FLUX.1 Kontext, Qwen-Image-Edit-2509): their diffusers folder, offline, safetensors only."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,3 +93,38 @@ def tiny_sd15(tokenizer_dir: Path, device: str = "cpu") -> SD15:
 
     return SD15(tiny_unet().to(device), tiny_vae().to(device), tiny_clip_text().to(device),
                 clip_tokenizer(tokenizer_dir), ddim_scheduler(), "tiny random weights", tiny=True)
+
+
+DIT_FOLDERS = {
+    "kontext": ("FluxKontextPipeline", "FLUX.1-Kontext-dev", "transformer/, vae/, text_encoder/ (CLIP), text_encoder_2/ "
+                "(T5), tokenizer/, tokenizer_2/, scheduler/"),
+    "qwen-edit": ("QwenImageEditPlusPipeline", "Qwen-Image-Edit-2509", "transformer/, vae/, text_encoder/ "
+                  "(Qwen2.5-VL), tokenizer/, processor/, scheduler/"),
+}
+"""--editor -> (diffusers pipeline class, the model users download, the folder's parts)."""
+
+
+def load_dit_pipeline(path: Path, editor: str, device: str, dtype: torch.dtype, flag: str = "--checkpoint"):
+    """The editor's diffusers pipeline from a local folder (never downloaded): its model_index.json must name the
+    editor's pipeline class; every weight and JSON file is checked before loading."""
+    import diffusers
+
+    cls_name, model, parts = DIT_FOLDERS[editor]
+    path = Path(path)
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise XMGIEInputError(f"{flag} {path} is not a diffusers folder (no model_index.json): --editor {editor} needs "
+                              f"the local diffusers folder of {model} (model_index.json, {parts}).")
+    what = f"the {model} pipeline of {flag}"
+    check_model_folder(path, what)
+    found = json.loads(index.read_text()).get("_class_name")
+    if found != cls_name:
+        other = [e for e, (c, _, _) in DIT_FOLDERS.items() if c == found]
+        hint = f"use --editor {other[0]}" if other else f"give a {model} folder"
+        raise XMGIEInputError(f"{flag} {path} holds a {found} pipeline, not the {cls_name} that --editor {editor} "
+                              f"runs: {hint}.")
+    with loading(path, what):
+        pipe = getattr(diffusers, cls_name).from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                            dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
