@@ -17,11 +17,15 @@ value-less copy of each of the R restricted tokens' keys. The copies carry weigh
 the removed share of each restricted token in the softmax denominator:
 
   sum_t' M e^S V / (sum_t' M e^S + sum_t (1 - M) e^S) = sum_t' A M V = A^M V.
+
+In a DiT's joint attention (masked_joint_attention) the same mask covers only the generated image's query rows;
+the restricted tokens are text keys, and text and reference-image queries attend as without CAM.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -79,24 +83,64 @@ def attention_mask(rows: tuple[torch.Tensor, torch.Tensor], region: torch.Tensor
     return torch.where(binarize(region)[:, None, :, None], inside, outside)
 
 
+def masked_heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region: torch.Tensor,
+                           restriction: TokenRestriction, mode: str = "renormalized") -> torch.Tensor:
+    """Eqs 10-12 on heads-first q [B, H, Nq, d], k/v [B, H, Nk, d], region [B or 1, Nq] in {0, 1}: one
+    scaled_dot_product_attention over the keys plus the restricted tokens' value-less copies, with a
+    [B or 1, 1, Nq, Nk + R] mask (module docstring). Returns [B, H, Nq, d]; every row is masked."""
+    if mode not in MODES:
+        raise XMGIEInputError(f"Unknown CAM mode {mode!r}; use one of {', '.join(MODES)}.")
+    nk = k.shape[2]
+    positions = torch.cat([restriction.edit, restriction.background]).to(q.device)
+    if positions.numel() and int(positions.max()) >= nk:
+        raise XMGIEInputError(f"CAM token position {int(positions.max())} is outside the context ({nk} tokens).")
+    k = torch.cat([k, k[:, :, positions]], dim=2)
+    v = torch.cat([v, torch.zeros_like(v[:, :, positions])], dim=2)
+    mask = attention_mask(restriction.keep_rows(nk, mode == "paper", q.device), region.to(q.device), q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def masked_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, region: torch.Tensor,
                            restriction: TokenRestriction, mode: str = "renormalized") -> torch.Tensor:
     """CAM attention (eqs 10-12) on q [B, Nq, heads*d], k/v [B, Nk, heads*d], region [B or 1, Nq] in {0, 1}.
 
     Returns [B, Nq, heads*d] in q's dtype. Every row is masked; callers pass only the rows to mask.
     """
-    if mode not in MODES:
-        raise XMGIEInputError(f"Unknown CAM mode {mode!r}; use one of {', '.join(MODES)}.")
-    nk = k.shape[1]
-    positions = torch.cat([restriction.edit, restriction.background]).to(q.device)
-    if positions.numel() and int(positions.max()) >= nk:
-        raise XMGIEInputError(f"CAM token position {int(positions.max())} is outside the context ({nk} tokens).")
-    k = torch.cat([k, k[:, positions]], dim=1)
-    v = torch.cat([v, torch.zeros_like(v[:, positions])], dim=1)
-    mask = attention_mask(restriction.keep_rows(nk, mode == "paper", q.device), region.to(q.device), q.dtype)
-    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
-                                         attn_mask=mask)
-    return merge_heads(out)
+    return merge_heads(masked_heads_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
+                                              region, restriction, mode))
+
+
+Stock = Callable[[torch.Tensor], torch.Tensor]
+"""stock(query rows, in the caller's layout) -> their unmasked attention over all keys, [B, n, heads*d]."""
+
+
+def masked_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, image: slice,
+                           region: torch.Tensor, restriction: TokenRestriction, mode: str = "renormalized",
+                           heads_first: bool = False, stock: Stock | None = None) -> torch.Tensor:
+    """CAM in a DiT's joint attention (eqs 10-12 on the image-query -> text-key columns).
+
+    Queries and keys are the joint sequence [text | generated image | reference images]; `image` is the generated
+    image's slice, `region` [B or 1, image tokens] in {0, 1}, and the restriction's positions are text positions
+    (before image.start). Only the generated rows are masked (masked_heads_attention, one fused call); the text and
+    reference rows are `stock(rows)` (default: plain scaled_dot_product_attention). q/k/v are [B, N, heads*d], or
+    [B, heads, N, d] with `heads_first` (Flux's skip_reshape); returns [B, N, heads*d].
+    """
+    positions = torch.cat([restriction.edit, restriction.background])
+    if positions.numel() and int(positions.max()) >= image.start:
+        raise XMGIEInputError(f"CAM token position {int(positions.max())} is not a text token: the joint sequence "
+                              f"has {image.start} text tokens before the image.")
+    as_heads = (lambda t: t) if heads_first else (lambda t: split_heads(t, heads))
+    kh, vh = as_heads(k), as_heads(v)
+    seq = 2 if heads_first else 1
+
+    def plain(rows: torch.Tensor) -> torch.Tensor:
+        return merge_heads(F.scaled_dot_product_attention(as_heads(rows), kh, vh))
+
+    rows = q.narrow(seq, image.start, image.stop - image.start)
+    masked = merge_heads(masked_heads_attention(as_heads(rows), kh, vh, region, restriction, mode))
+    others = (stock or plain)(torch.cat([q.narrow(seq, 0, image.start), q.narrow(seq, image.stop, q.shape[seq] - image.stop)],
+                             dim=seq))
+    return torch.cat([others[:, :image.start], masked.to(others.dtype), others[:, image.start:]], dim=1)
 
 
 def tiled_positions(positions: torch.Tensor, prompt_tokens: int, context_tokens: int) -> torch.Tensor:
