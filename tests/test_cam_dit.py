@@ -16,28 +16,18 @@ from xmgie_core.hosts.comfy import cam_dit, dit
 from xmgie_core.hosts.comfy.cam import CAMSpec
 from xmgie_core.hosts.comfy.cam_prompt import PromptEncoding
 from xmgie_core.masks import RegionPyramid
-from xmgie_core.token_grid import TokenGrid
+
+from test_cam import reference
 
 
 def joint_reference(q, k, v, heads, text, n_img, region, edit, background, strength, mode):
-    """Eqs 10-12 with materialised matrices over the joint sequence [text | image | references]: A = softmax(QK^T /
-    sqrt d) over all N keys, M = 1 except on the image rows' edit / background text columns, A^M = A * M (paper) or
-    renormalised, O = A^M V. q/k/v [B, N, heads*d] -> [B, N, heads*d]."""
-    b, n, c = q.shape
-    d = c // heads
-    qh, kh, vh = (t.double().view(b, n, heads, d).transpose(1, 2) for t in (q, k, v))
-    a = torch.softmax(qh @ kh.transpose(-1, -2) / d**0.5, dim=-1)
-    m = torch.ones(b, n, n, dtype=torch.float64)
-    r = region.double().expand(b, n_img)
+    """Eqs 10-12 with materialised matrices over the joint sequence [text | image | references] (test_cam's naive
+    reference): the image rows' softmax over all N keys with M on the edit / background text columns, every other
+    row plain softmax attention. q/k/v [B, N, heads*d] -> [B, N, heads*d] float64."""
     rows = slice(text, text + n_img)
-    for t in edit:
-        m[:, rows, t] = 1 - strength * (1 - r)
-    for t in background:
-        m[:, rows, t] = 1 - strength * r
-    am = a * m[:, None]
-    if mode == "renormalized":
-        am = am / am.sum(-1, keepdim=True)
-    return (am @ vh).transpose(1, 2).reshape(b, n, c)
+    out = reference(q, k, v, heads, torch.ones(1, q.shape[1]), [], [], 1.0, mode)
+    out[:, rows] = reference(q[:, rows], k, v, heads, region, edit, background, strength, mode)
+    return out
 
 
 def restriction(edit, background=(), strength=1.0):
@@ -106,8 +96,11 @@ def test_text_and_reference_rows_are_the_stock_function_s(mode):
     assert (out[:, 6:18] - plain[:, 6:18]).abs().max() > 1e-3  # outside the region the word is masked
 
 
-def test_mask_is_boolean_and_only_image_rows(monkeypatch):
-    """Strength 1: a boolean [1, 1, image rows, N + R] mask (no [B, heads, N, N] probabilities, no full-N rows)."""
+@pytest.mark.parametrize("mode", cam.MODES)
+def test_masks_cover_only_image_rows_and_one_region_needs_none(monkeypatch, mode):
+    """No [B, heads, N, N] probabilities, no full-N mask rows: strength 1 with one region runs mask-free over the keys
+    each query keeps; per-latent regions get a boolean [B, 1, image rows, N + R] mask; strength < 1 an additive one.
+    Each equals the naive reference."""
     real, masks = F.scaled_dot_product_attention, []
 
     def spy(q, k, v, attn_mask=None, **kw):
@@ -116,13 +109,19 @@ def test_mask_is_boolean_and_only_image_rows(monkeypatch):
 
     monkeypatch.setattr(cam.F, "scaled_dot_product_attention", spy)
     q, k, v = _joint()
-    masked_joint_attention(q, k, v, 2, slice(6, 18), torch.zeros(1, 12), restriction([1, 2], [3]), "paper")
-    mask = next(m for m in masks if m is not None)
-    assert mask.dtype == torch.bool and tuple(mask.shape) == (1, 1, 12, 26 + 3)
-    masks.clear()
-    masked_joint_attention(q, k, v, 2, slice(6, 18), torch.zeros(1, 12), restriction([1], strength=0.5), "paper")
-    mask = next(m for m in masks if m is not None)
-    assert mask.dtype == q.dtype and tuple(mask.shape) == (1, 1, 12, 26 + 1)
+    region = (torch.arange(12) % 3 == 0).float()[None]
+    cases = [(region, 1.0, None), (torch.cat([region, 1 - region]), 1.0, (torch.bool, (2, 1, 12, 26 + 3))),
+             (region, 0.5, (q.dtype, (1, 1, 12, 26 + 3)))]
+    for reg, strength, want_mask in cases:
+        masks.clear()
+        got = masked_joint_attention(q, k, v, 2, slice(6, 18), reg, restriction([1, 2], [3], strength), mode)
+        want = joint_reference(q, k, v, 2, 6, 12, reg, [1, 2], [3], strength, mode)
+        assert torch.allclose(got.double(), want, atol=2e-5)
+        used = [m for m in masks if m is not None]
+        if want_mask is None:
+            assert used == [] and len(masks) == 3  # inside rows, outside rows, text + reference rows
+        else:
+            assert [(m.dtype, tuple(m.shape)) for m in used] == [want_mask]
 
 
 def test_restricted_position_must_be_text():

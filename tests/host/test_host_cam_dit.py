@@ -274,7 +274,8 @@ def test_qwen_positions_through_the_chat_template_and_image_placeholders(monkeyp
 def test_user_errors(node, models, family):
     from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
 
-    sd3 = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=object.__new__(OpenAISignatureMMDITWrapper)))
+    sd3_model = object.__new__(OpenAISignatureMMDITWrapper)  # ComfyUI's SD3 class (its attributes are not needed)
+    sd3 = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=sd3_model))
     with pytest.raises(ValueError, match="diffusion model is a OpenAISignatureMMDITWrapper.*Load one of those"):
         patch(node, sd3, family)
     with pytest.raises(ValueError, match="'blue hat' cannot be located in the prompt"):

@@ -69,14 +69,15 @@ class CAMSpec:
         return sigmas is None or self.sigma_end - 1e-5 <= float(sigmas.max()) <= self.sigma_start + 1e-5
 
     def region_rows(self, h: int, w: int, rows: torch.Tensor, per: int, device: torch.device) -> torch.Tensor:
-        """The region on an h x w grid for batch rows `rows` of chunks of `per` latents: [len(rows), h*w]."""
+        """The region on an h x w grid for batch rows `rows` of chunks of `per` latents: [len(rows), h*w], or [1, h*w]
+        for one mask (it broadcasts, so the attention mask is built once, not per row)."""
         region = self.region.grid(h, w, device)
         if region.shape[0] not in (1, per):
             raise XMGIEInputError(
                 f"The CAM mask has batch {region.shape[0]} but the latent batch is {per}; "
                 "give one mask, or one per latent."
             )
-        return region[(rows.to(region.device) % per) % region.shape[0]]
+        return region if region.shape[0] == 1 else region[(rows.to(region.device) % per) % region.shape[0]]
 
     def restriction(self, context_tokens: int, device: torch.device) -> TokenRestriction:
         edit = torch.tensor(self.edit_positions, dtype=torch.long, device=device)
