@@ -14,6 +14,12 @@ import torch
 from PIL import Image
 
 from test_nodes import FakeClip, _FakeModelPatcher
+
+
+class _FakeFlux:
+    """What xmgie_core.hosts.comfy.dit recognises as Flux."""
+
+    double_blocks, single_blocks, patch_size = [0], [0], 2
 from xmgie_core.apps.cli import main as cli
 from xmgie_core.image_io import load_image
 
@@ -163,6 +169,15 @@ CAM_CASES = {
                  "enable input_blocks"),
     "strength > 1": ({"strength": 1.5}, "strength must be between 0 and 1", "got 1.5"),
     "threshold 0": ({"threshold": 0.0}, r"threshold must be between 0.01 and 1, got 0.0", r"its default is 0.5"),
+    "unsupported model": ({"model": _FakeModelPatcher(type("MMDiT", (), {})())}, "diffusion model is a MMDiT",
+                          "supports SD1.x / SD2 / SDXL U-Nets, Flux / FLUX.1 Kontext and Qwen-Image"),
+    "Flux with an SD CLIP": ({"model": _FakeModelPatcher(_FakeFlux())}, r"not the model's text encoder \(T5-XXL\)",
+                             "DualCLIPLoader"),
+    "mixed positive": ({"positive": [[torch.zeros(1, 77, 8), {}], [torch.zeros(1, 154, 8), {}]]},
+                       r"entries of \[77, 154\] tokens", "connect one encoding of the prompt"),
+    "positive of another length": ({"positive": [[torch.zeros(1, 154, 8), {}]]},
+                                   "conditioning has 154 tokens.*prompt .* encodes to 77",
+                                   "same prompt text as the conditioning's text-encode node"),
 }
 
 

@@ -71,9 +71,10 @@ class _FakeSampling:
 class _FakeModelPatcher:
     """The ModelPatcher surface the CAM node uses: clone(), model_options, get_model_object, model.diffusion_model."""
 
-    def __init__(self):
+    def __init__(self, diffusion_model=None):
         self.model_options = {"transformer_options": {}}
-        self.model = types.SimpleNamespace(diffusion_model=torch.nn.Identity())
+        unet = types.SimpleNamespace(input_blocks=[], middle_block=[], output_blocks=[])  # what a U-Net has
+        self.model = types.SimpleNamespace(diffusion_model=unet if diffusion_model is None else diffusion_model)
 
     def clone(self):
         c = _FakeModelPatcher()

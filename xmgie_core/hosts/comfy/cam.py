@@ -64,6 +64,21 @@ class CAMSpec:
         TokenRestriction(torch.tensor(self.edit_positions, dtype=torch.long),  # validates overlap and strength
                          torch.tensor(self.background_positions, dtype=torch.long), self.strength)
 
+    def active(self, sigmas: torch.Tensor | None) -> bool:
+        """Whether a pass at these sigmas is inside the sigma_end <= sigma <= sigma_start window."""
+        return sigmas is None or self.sigma_end - 1e-5 <= float(sigmas.max()) <= self.sigma_start + 1e-5
+
+    def region_rows(self, h: int, w: int, rows: torch.Tensor, per: int, device: torch.device) -> torch.Tensor:
+        """The region on an h x w grid for batch rows `rows` of chunks of `per` latents: [len(rows), h*w], or [1, h*w]
+        for one mask (it broadcasts, so the attention mask is built once, not per row)."""
+        region = self.region.grid(h, w, device)
+        if region.shape[0] not in (1, per):
+            raise XMGIEInputError(
+                f"The CAM mask has batch {region.shape[0]} but the latent batch is {per}; "
+                "give one mask, or one per latent."
+            )
+        return region if region.shape[0] == 1 else region[(rows.to(region.device) % per) % region.shape[0]]
+
     def restriction(self, context_tokens: int, device: torch.device) -> TokenRestriction:
         edit = torch.tensor(self.edit_positions, dtype=torch.long, device=device)
         back = torch.tensor(self.background_positions, dtype=torch.long, device=device)
@@ -90,30 +105,66 @@ def chunk_rows(batch: int, chunks: tuple[bool, ...]) -> torch.Tensor:
                         dtype=torch.long)
 
 
-class CrossAttentionMaskPatch:
-    """attn2_patch + optimized_attention_override + attn2_output_patch + outer_sample wrapper for one
-    CAM spec, masking the rows whose context is `prompt`'s encoding.
+def by_rows(batch: int, rows: torch.Tensor, masked: Callable[[torch.Tensor], torch.Tensor],
+            other: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """masked(rows) for the batch rows `rows`, other(rest) for the others, reassembled in batch order."""
+    result = masked(rows)
+    if rows.numel() == batch:
+        return result
+    keep = torch.ones(batch, dtype=torch.bool, device=rows.device)
+    keep[rows] = False
+    rest = other(keep.nonzero()[:, 0])
+    out = torch.empty(batch, *rest.shape[1:], dtype=rest.dtype, device=rest.device)
+    out[keep.to(rest.device)] = rest
+    out[rows.to(rest.device)] = result.to(rest.dtype)
+    return out
 
-    Install with `install(model_options, ...)` on a cloned ModelPatcher's options. Heavy state
-    is shared on clone (__deepcopy__ returns self), as ComfyUI deep-copies patch objects.
-    """
+
+class PromptPatch:
+    """What every CAM patch shares: its spec, the node's own prompt encoding (the only conditioning it masks), the
+    attention override that was installed before it (called for all unmasked work), and the outer_sample check
+    that the sampler receives that encoding. ComfyUI deep-copies patch objects: heavy state is shared."""
 
     xmgie_source_neutral = True
     """It never changes a pass without its own prompt (e.g. PFB's source branch): not part of PFB's cache key."""
 
-    def __init__(self, spec: CAMSpec, prompt: PromptEncoding, diffusion_model: torch.nn.Module | None = None,
-                 previous_override: Callable | None = None):
+    def __init__(self, spec: CAMSpec, prompt: PromptEncoding, previous_override: Callable | None = None):
         self.spec = spec
         self.prompt = prompt
-        self.diffusion_model = diffusion_model
         self.previous_override = previous_override
-        self._armed: _Armed | None = None
 
-    def __deepcopy__(self, memo: dict) -> "CrossAttentionMaskPatch":
+    def __deepcopy__(self, memo: dict) -> "PromptPatch":
         return self
 
-    def to(self, *args: Any, **kwargs: Any) -> "CrossAttentionMaskPatch":
+    def to(self, *args: Any, **kwargs: Any) -> "PromptPatch":
         return self  # masks are moved per call; nothing to cast
+
+    def _inner(self, func: Callable) -> Callable:
+        if self.previous_override is None:
+            return func
+        return lambda *a, **kw: self.previous_override(func, *a, **kw)
+
+    # -- outer_sample wrapper: out = w(executor, noise, latent_image, sampler, sigmas, ...)
+    def check_sampler_conds(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        """Before any model pass: the guider's conds must contain the node's prompt encoding."""
+        conds = getattr(getattr(executor, "class_obj", None), "conds", None)
+        if isinstance(conds, dict):
+            self.prompt.require_in(conds)
+        return executor(*args, **kwargs)
+
+
+class CrossAttentionMaskPatch(PromptPatch):
+    """attn2_patch + optimized_attention_override + attn2_output_patch + outer_sample wrapper for one
+    CAM spec, masking the rows whose context is `prompt`'s encoding.
+
+    Install with `install(model_options, ...)` on a cloned ModelPatcher's options.
+    """
+
+    def __init__(self, spec: CAMSpec, prompt: PromptEncoding, diffusion_model: torch.nn.Module | None = None,
+                 previous_override: Callable | None = None):
+        super().__init__(spec, prompt, previous_override)
+        self.diffusion_model = diffusion_model
+        self._armed: _Armed | None = None
 
     # -- attn2_patch: n, context, value = p(n, context, value, extra_options)
     def arm(self, n: torch.Tensor, context: torch.Tensor, value: torch.Tensor | None,
@@ -124,21 +175,14 @@ class CrossAttentionMaskPatch:
         sigmas = extra_options.get("sigmas")
         if block is None or block[0] not in spec.levels:
             return n, context, value
-        if sigmas is not None and not (spec.sigma_end - 1e-5 <= float(sigmas.max()) <= spec.sigma_start + 1e-5):
+        if not spec.active(sigmas):
             return n, context, value
         n_chunks = max(len(extra_options.get("cond_or_uncond", [0])), 1)
         rows = chunk_rows(n.shape[0], self.prompt.chunks(context, n_chunks))
         if rows.numel() == 0:
             return n, context, value
         h, w = extra_options["activations_shape"][-2:]
-        region = spec.region.grid(int(h), int(w), n.device)
-        per = n.shape[0] // n_chunks
-        if region.shape[0] not in (1, per):
-            raise XMGIEInputError(
-                f"The CAM mask has batch {region.shape[0]} but the latent batch is {per}; "
-                "give one mask, or one per latent."
-            )
-        region = region[(rows % per) % region.shape[0]]
+        region = spec.region_rows(int(h), int(w), rows, n.shape[0] // n_chunks, n.device)
         self._armed = _Armed(rows.to(n.device), region, spec.restriction(context.shape[1], n.device), n, context,
                              value if value is not None else context, block, int(extra_options.get("block_index", 0)))
         return n, context, value
@@ -155,33 +199,12 @@ class CrossAttentionMaskPatch:
         self._armed = None
         return self._masked_rows(inner, q, k, v, heads, armed, kwargs)
 
-    def _inner(self, func: Callable) -> Callable:
-        if self.previous_override is None:
-            return func
-        return lambda *a, **kw: self.previous_override(func, *a, **kw)
-
     def _masked_rows(self, inner: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                      armed: _Armed, kwargs: dict) -> torch.Tensor:
-        rows = armed.rows
-        masked = masked_cross_attention(q[rows], k[rows], v[rows], heads, armed.region, armed.restriction,
-                                        self.spec.mode)
-        if rows.numel() == q.shape[0]:
-            return masked
-        keep = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
-        keep[rows] = False
-        other = inner(q[keep], k[keep], v[keep], heads, **kwargs)
-        out = torch.empty(q.shape[0], *other.shape[1:], dtype=other.dtype, device=other.device)
-        out[keep] = other
-        out[rows] = masked.to(other.dtype)
-        return out
-
-    # -- outer_sample wrapper: out = w(executor, noise, latent_image, sampler, sigmas, ...)
-    def check_sampler_conds(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
-        """Before any U-Net pass: the guider's conds must contain the node's prompt encoding."""
-        conds = getattr(getattr(executor, "class_obj", None), "conds", None)
-        if isinstance(conds, dict):
-            self.prompt.require_in(conds)
-        return executor(*args, **kwargs)
+        return by_rows(q.shape[0], armed.rows,
+                       lambda r: masked_cross_attention(q[r], k[r], v[r], heads, armed.region, armed.restriction,
+                                                        self.spec.mode),
+                       lambda r: inner(q[r], k[r], v[r], heads, **kwargs))
 
     # -- attn2_output_patch: n = p(n, extra_options)
     def correct_output(self, n: torch.Tensor, extra_options: dict) -> torch.Tensor:
