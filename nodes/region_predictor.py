@@ -256,12 +256,13 @@ def zero_shot_score(mode: str, model, clip, vae, image: torch.Tensor, target: st
                                           progress)
         return comfy_edit_attention(model, clip, target, words, latent, steps, seed, strength, progress)
     import node_helpers
-    from ..xmgie_core.hosts.comfy.region_dit import dit_edit_attention, dit_token_positions
+    from ..xmgie_core.hosts.comfy.region_dit import dit_edit_attention
+    from ..xmgie_core.hosts.comfy.tokens import dit_token_positions
 
     target_cond = node_helpers.conditioning_set_values(encode(clip, target), {"reference_latents": [latent]},
                                                        append=True)
     if mode == "noise-difference":
         return noise_difference(model, target_cond, encode(clip, source), latent, draws, seed,
                                 spread_around(strength), progress)
-    positions = dit_token_positions(clip, found.family, target, words)
+    positions = dit_token_positions(clip, found.family, target, words, target_cond[0][0].shape[1])
     return dit_edit_attention(model, target_cond, positions, latent, steps, seed, strength, progress)

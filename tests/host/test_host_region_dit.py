@@ -259,9 +259,9 @@ class FakeDiTClip:
 
 
 def region_dit_key(family):
-    from xmgie_core.hosts.comfy.region_dit import CONTEXT_TOKENIZER
+    from xmgie_core.hosts.comfy.tokens import TEXT_ENCODER
 
-    return CONTEXT_TOKENIZER[family]
+    return TEXT_ENCODER[family][0]
 
 
 class FakeVAE:
@@ -302,20 +302,21 @@ def test_region_node_on_a_dit(comfy_host, family, model):
 def test_edit_word_positions_in_the_dit_text_context(comfy_host, family):
     """Flux's context is the T5 tokens as they are; Qwen-Image's starts after the 34 template tokens."""
     from xmgie_core.errors import XMGIEInputError
-    from xmgie_core.hosts.comfy.region_dit import dit_token_positions
+    from xmgie_core.hosts.comfy.tokens import dit_token_positions
 
     clip = FakeDiTClip(family)
     prompt = "a colorful background behind a man wearing a red scarf"
     chunk = clip.tokenize(prompt)[clip.key][0]
     offset = QWEN_TEMPLATE if family == td.QWEN else 0
     vocab = getattr(clip.tokenizer, clip.key).inv_vocab
+    encoded = len(chunk) - offset
 
     def spelled(words):
-        positions = dit_token_positions(clip, family, prompt, words)
+        positions = dit_token_positions(clip, family, prompt, words, encoded)
         assert min(positions) >= 0
         return [vocab[chunk[p + offset][0]].lstrip("\u2581\u0120") for p in positions]
 
     assert spelled("red scarf") == ["red", "scarf"]
     assert spelled("background") == ["background"], "the word of the prompt, not the template's 'background'"
     with pytest.raises(XMGIEInputError, match="cannot be located"):
-        dit_token_positions(clip, family, prompt, "blue hat")
+        dit_token_positions(clip, family, prompt, "blue hat", encoded)

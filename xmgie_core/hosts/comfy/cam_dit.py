@@ -78,18 +78,13 @@ class JointCrossAttentionMask(PromptPatch):
     def find_rows(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         """Put the rows whose context is the node's prompt encoding (none outside the sigma window) into a copy of
         the forward's transformer_options."""
-        i = dit_seam._OPTIONS_INDEX[self.dit.family]
-        args = list(args)
-        options = dict(args[i] if len(args) > i else kwargs.get("transformer_options", {}) or {})
-        context = args[2]
-        chunks = max(len(options.get("cond_or_uncond", [0])), 1)
-        found = self.prompt.chunks(context, chunks) if self.spec.active(options.get("sigmas")) else (False,)
-        options[ROWS] = _Rows(chunk_rows(context.shape[0], found).to(context.device), context.shape[0] // chunks)
-        if len(args) > i:
-            args[i] = options
-        else:
-            kwargs["transformer_options"] = options
-        return executor(*args, **kwargs)
+        def rows(options: dict, args: list) -> dict:
+            context = args[2]
+            chunks = max(len(options.get("cond_or_uncond", [0])), 1)
+            found = self.prompt.chunks(context, chunks) if self.spec.active(options.get("sigmas")) else (False,)
+            return {ROWS: _Rows(chunk_rows(context.shape[0], found).to(context.device), context.shape[0] // chunks)}
+
+        return dit_seam.call_with_options(self.dit, executor, args, kwargs, rows)
 
     # -- optimized_attention_override: out = override(func, q, k, v, heads, [mask], **kwargs)
     def __call__(self, func: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -120,16 +120,24 @@ class GeometryWrapper:
         return self
 
     def __call__(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
-        x, context = args[0], args[2]
-        i = _OPTIONS_INDEX[self.dit.family]
-        args = list(args)
-        options = dict(args[i] if len(args) > i else kwargs.get("transformer_options", {}) or {})
-        options[GEOMETRY] = Geometry(int(context.shape[1]), TokenGrid.from_latent(*x.shape[-2:], self.dit.patch))
-        if len(args) > i:
-            args[i] = options
-        else:
-            kwargs["transformer_options"] = options
-        return executor(*args, **kwargs)
+        return call_with_options(self.dit, executor, args, kwargs, lambda options, a: {GEOMETRY: Geometry(
+            int(a[2].shape[1]), TokenGrid.from_latent(*a[0].shape[-2:], self.dit.patch))})
+
+
+def call_with_options(dit: DiT, executor: Any, args: tuple, kwargs: dict,
+                      extra: Callable[[dict, list], dict]) -> Any:
+    """Continue a DIFFUSION_MODEL wrapper call (args = x, timestep, context, ...) with a copy of the forward's
+    transformer_options updated by extra(options, args); the caller's dict is untouched."""
+    i = _OPTIONS_INDEX[dit.family]
+    args = list(args)
+    positional = len(args) > i
+    options = dict(args[i] if positional else kwargs.get("transformer_options") or {})
+    options.update(extra(options, args))
+    if positional:
+        args[i] = options
+    else:
+        kwargs = {**kwargs, "transformer_options": options}
+    return executor(*args, **kwargs)
 
 
 def geometry(transformer_options: dict) -> Geometry:

@@ -22,15 +22,8 @@ from ...errors import XMGIEInputError
 from ...region.zeroshot import AttentionMaps, joint_attention_map
 from . import dit
 from .region import Progress, denoising_attention
-from .tokens import _comfy_positions
 
 Override = Callable[..., torch.Tensor]
-CONTEXT_TOKENIZER = {dit.FLUX: "t5xxl", dit.QWEN_IMAGE: "qwen25_7b"}
-"""The tokenizer whose tokens become the DiT's text context (Flux: T5-XXL, CLIP-L only gives the pooled vector;
-Qwen-Image: Qwen2.5-VL)."""
-QWEN_IM_START, QWEN_USER, QWEN_NEWLINE = 151644, 872, 198
-"""<|im_start|>, 'user', '\\n' of Qwen2.5-VL: QwenImageTEModel.encode_token_weights drops the chat template up to
-the second <|im_start|> and, when 'user\\n' follows, those two tokens too (comfy/text_encoders/qwen_image.py)."""
 
 
 class JointAttentionRecorder:
@@ -91,23 +84,3 @@ def dit_edit_attention(model: Any, target: list, positions: Sequence[int], laten
     maps = AttentionMaps(tuple(latent.shape[-2:]), latent.shape[0])
     return denoising_attention(recording_clone(model, positions, maps), target, latent, steps, seed, strength, maps,
                                progress)
-
-
-def dit_token_positions(clip: Any, family: str, prompt: str, words: str) -> list[int]:
-    """The edit words' positions among the text tokens a DiT's conditioning holds for `prompt` (a minimal lookup:
-    Flux's T5 tokens as they are; Qwen-Image's after the chat template its encoder drops)."""
-    key = CONTEXT_TOKENIZER[family]
-    tokens = clip.tokenize(prompt)
-    if key not in tokens:
-        raise XMGIEInputError(f"This CLIP has no {key} tokenizer, which the {family} model's text context comes "
-                              "from: load the text encoder the DiT was trained with (Flux: t5xxl + clip_l; "
-                              "Qwen-Image: qwen_2.5_vl_7b).")
-    chunk = [t for chunk in tokens[key] for t in chunk]
-    start = 0
-    if family == dit.QWEN_IMAGE:
-        starts = [i for i, t in enumerate(chunk) if t[0] == QWEN_IM_START][:2]
-        start = starts[-1] if starts else 0
-        if [t[0] for t in chunk[start + 1:start + 3]] == [QWEN_USER, QWEN_NEWLINE]:
-            start += 3
-    positions, _ = _comfy_positions(getattr(clip.tokenizer, key), [chunk[start:]], words, "edit words")
-    return positions
