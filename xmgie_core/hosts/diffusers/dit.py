@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ...cam import TokenRestriction, masked_cross_attention
+from ...cam import TokenRestriction, masked_joint_attention
 from ...errors import XMGIEInputError
 from ...masks import RegionPyramid
 from ...pfb import BlockLayout
@@ -129,22 +129,17 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int
                     ) -> torch.Tensor:
     """Joint attention on q/k/v [B, N, heads, d] (sequence [text | generated | reference]) -> [B, N, heads*d]:
     plain softmax attention, except that with an active `cam` the generated queries get eqs 10-12 on the text
-    keys (xmgie_core.cam.masked_cross_attention: edit words only inside the region, background words only outside;
+    keys (xmgie_core.cam.masked_joint_attention: edit words only inside the region, background words only outside;
     the text positions are the restriction's, as the text leads the joint sequence)."""
     heads = q.shape[2]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    out = out.flatten(2, 3)
     if cam is None or not cam.active:
-        return out
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) \
+            .transpose(1, 2).flatten(2, 3)
     gen = cam.grid.shifted(text)
     gen.check(q.shape[1], "The joint attention sequence")
-    region = cam.region.grid(cam.grid.h, cam.grid.w, q.device)
-    region = region.expand(q.shape[0], -1) if region.shape[0] == 1 else region
-    merged = lambda t: t.flatten(2, 3)  # noqa: E731
-    masked = masked_cross_attention(merged(q[:, gen.start:gen.stop]), merged(k), merged(v), heads, region,
-                                     cam.restriction, cam.mode)
     cam.calls += 1
-    return torch.cat([out[:, :gen.start], masked.to(out.dtype), out[:, gen.stop:]], dim=1)
+    return masked_joint_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), heads, slice(gen.start, gen.stop),
+                                  cam.region.grid(cam.grid.h, cam.grid.w, q.device), cam.restriction, cam.mode)
 
 
 def _refuse_masks(who: str, *masks) -> None:
