@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..xmgie_core.errors import XMGIEInputError
-from ..xmgie_core.hosts.comfy.pfb import LOG, pfb_guider_class, warn_empty_mask
+from ..xmgie_core.hosts.comfy.pfb import LOG, check_model, pfb_guider_class, warn_empty_mask
 from ..xmgie_core.identity.faces import IdEmbed
 from ..xmgie_core.identity.protect import protected_mask, rank_by_ips
 from ..xmgie_core.identity.scoring import score_images
@@ -135,6 +135,7 @@ class XMGIEPFBGuider:
                    outside_weight: float, blend_end_percent: float, latent_blend_end_percent: float,
                    soft_edge: bool, cache: bool, cache_mb: int, source=None, id_embed: IdEmbed | None = None,
                    face_protection: float = 1.0, image_cond=None, image_cfg: float = 1.5) -> tuple:
+        check_model(model)
         settings, _ = pfb_settings(mask, source_mode, layers, outside_weight, blend_end_percent,
                                    latent_blend_end_percent, soft_edge, cache, cache_mb, id_embed, face_protection)
         if settings.empty:
@@ -195,6 +196,7 @@ class XMGIEPFBSampler:
                outside_weight: float, blend_end_percent: float, latent_blend_end_percent: float, soft_edge: bool,
                cache: bool, cache_mb: int, source=None, id_embed: IdEmbed | None = None, face_protection: float = 1.0,
                candidates: int = 1, vae=None) -> tuple:
+        check_model(model)
         import comfy.model_management
         import comfy.sample
         import comfy.samplers
@@ -203,10 +205,13 @@ class XMGIEPFBSampler:
 
         settings, note = pfb_settings(mask, source_mode, layers, outside_weight, blend_end_percent,
                                       latent_blend_end_percent, soft_edge, cache, cache_mb, id_embed, face_protection)
-        samples = latent_image["samples"]  # checked once, by the guider before any U-Net pass
+        # in the model's latent format as KSampler and SamplerCustomAdvanced take it (Qwen-Image: 4-d -> 5-d);
+        # checked once, by the guider before any model pass
+        samples = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         if settings.empty:
             warn_empty_mask()
-            return latent_image, [], "The mask is empty: the source latent is returned unchanged."
+            return {**latent_image, "samples": samples}, [], "The mask is empty: the source latent is returned " \
+                                                             "unchanged."
         best_of = candidates if id_embed is not None and not id_embed.empty and candidates > 1 else 1
         if best_of > 1:
             if vae is None:
@@ -215,9 +220,8 @@ class XMGIEPFBSampler:
             if samples.shape[0] != 1:
                 raise XMGIEInputError(f"Best-of-N samples candidates of one image, but the latent batch is "
                                       f"{samples.shape[0]}: use a batch of 1 (or set candidates to 1).")
-            samples = samples.repeat(best_of, 1, 1, 1)
+            samples = samples.repeat(best_of, *[1] * (samples.ndim - 1))
         guider = make_guider(model, positive, negative, source, cfg, settings)
-        samples = comfy.sample.fix_empty_latent_channels(model, samples)
         noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index") if best_of == 1 else None)
         sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                          scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas
