@@ -229,6 +229,18 @@ def test_source_pass_stops_after_the_deepest_blended_block(pfb_host, models, fam
         assert spy.batch_calls(kind, i, rows=2) == steps
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_outside_weight_one_is_the_latent_blend_alone_without_a_source_pass(pfb_host, models, family):
+    """alpha = 1 blends nothing, so no source pass runs: the cost of the latent blend alone (bench_dit's
+    'latent'); the latent blend still keeps the outside the source."""
+    model = models[family]
+    z, positive, negative = inputs(family)
+    out, spy = spied(model, lambda: pfb(pfb_host, model, positive, negative, z, half_mask(), outside_weight=1.0,
+                                        latent_end=1.0))
+    assert all(s["img"].shape[0] == 2 for k, n, where, s in spy.calls), "a source pass ran"
+    assert torch.equal(out[..., W // 2:], z[..., W // 2:]) and not torch.equal(out[..., : W // 2], z[..., : W // 2])
+
+
 # ------------------------------------------------------------------------------------------ the MODEL, interrupts
 
 
@@ -333,7 +345,8 @@ def test_sampler_and_guider_nodes_run_on_dit_latents(comfy_host, models, family,
     KSampler returns it), with the source exactly outside the mask (latent blend to the end)."""
     model = models[family]
     for name, latent in latents(comfy_host, family).items():
-        source = latent["samples"] if latent["samples"].ndim == 5 or family == td.FLUX else latent["samples"][:, :, None]
+        source = latent["samples"]
+        source = source[:, :, None] if family == td.QWEN and source.ndim == 4 else source
         by_sampler = run_sampler_node(comfy_host, model, family, latent_image=latent, source_mode=mode)["samples"]
         by_guider = run_guider_node(comfy_host, model, family, latent, source_mode=mode)["samples"]
         assert by_sampler.shape == source.shape, name
