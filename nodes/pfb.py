@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..xmgie_core.errors import XMGIEInputError
-from ..xmgie_core.hosts.comfy.pfb import LOG, pfb_guider_class, warn_empty_mask
+from ..xmgie_core.hosts.comfy.pfb import LOG, check_model, pfb_guider_class, warn_empty_mask
 from ..xmgie_core.identity.faces import IdEmbed
 from ..xmgie_core.identity.protect import protected_mask, rank_by_ips
 from ..xmgie_core.identity.scoring import score_images
@@ -35,12 +35,17 @@ PFB_INPUTS = {
                     "schedule. noised: the source latent plus one fixed noise (cheap, ComfyUI's noise-mask way). "
                     "inverted: a DDIM inversion of the source under the source conditioning (PFB-Diff's way; "
                     "reconstructs the source faithfully; one extra pass per step, cached)."}),
-    "layers": ("STRING", {"default": "auto", "tooltip": "U-Net layers to blend, comma-separated: auto (every layer "
-               "on the two coarsest grids: SD1.5 input_7-11, middle, output_0-4), middle, input_7, output_0-4 ... "
-               "each optionally ':weight' (outside weight) and '@end' (end fraction), e.g. 'auto, output_3-4:0.5@0.6'. "
-               "A layer the model lacks gives an error listing its layers."}),
+    "layers": ("STRING", {"default": "auto", "tooltip": "Layers to blend, comma-separated. U-Net (SD1.5, SDXL): "
+               "input_k, middle, output_k; auto = every layer on the two coarsest grids (SD1.5: input_7-11, middle, "
+               "output_0-4). DiT (FLUX.1 Kontext, Qwen-Image-Edit): double_k = the generated image's tokens after "
+               "double-stream block k (all of Qwen-Image's blocks), single_k = after Flux's single-stream block k; "
+               "auto = the first half of the blocks (FLUX.1: double_0-18, single_0-9; Qwen-Image: double_0-29). "
+               "Text and reference-image tokens are never blended. Each entry optionally ':weight' (outside weight) "
+               "and '@end' (end fraction), e.g. 'auto, output_3-4:0.5@0.6' or 'double_8-14:0.3'. A layer the model "
+               "lacks gives an error listing its layers."}),
     "outside_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "alpha outside the "
-                       "mask: 0 = the source's features (PFB-Diff), 0.5 = the paper's initial alpha, 1 = no blending."}),
+                       "mask: 0 = the source's features (PFB-Diff), 0.5 = the paper's initial alpha, 1 = no feature "
+                       "blending (no source pass: the latent blend alone)."}),
     "blend_end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Blend features "
                           "until this fraction of the schedule (1 = every step)."}),
     "latent_blend_end_percent": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Keep the "
@@ -52,7 +57,9 @@ PFB_INPUTS = {
     "cache": ("BOOLEAN", {"default": True, "tooltip": "Keep the source branch's features (and inversion) for the next "
               "run: editing the same image again (new prompt, mask or seed) skips the source pass. Off frees the cache."}),
     "cache_mb": ("INT", {"default": 1024, "min": 0, "max": 65536, "step": 64, "tooltip": "Size of the source cache in "
-                 "MB (kept in system memory). About 8 MB per step for SD1.5 at 512x512 with the auto layers."}),
+                 "MB (kept in system memory). Per step with the auto layers: about 8 MB for SD1.5 at 512x512; about "
+                 "0.7 GB for FLUX.1 Kontext or Qwen-Image-Edit at 1024x1024 (25 MB per blended block in bf16), so "
+                 "raise it or blend fewer blocks (e.g. double_8-14) to cache a whole DiT edit."}),
 }
 SOURCE_INPUT = {
     "source": ("CONDITIONING", {"tooltip": "Conditioning of the source branch, e.g. a description of the source image. "
@@ -104,19 +111,23 @@ class XMGIEPFBGuider:
                        "latent_image. Outside the mask the result is the source latent exactly only with "
                        "latent_blend_end_percent 1.0 (below it the outside may drift after that fraction); an empty "
                        "mask returns the source latent unchanged.",)
-    DESCRIPTION = ("Progressive feature blending (PFB-Diff): a source branch runs beside the edit and its U-Net "
-                   "features replace the edit's outside the mask at the chosen layers; the latent outside the mask "
-                   "stays on the source trajectory for part of the schedule.")
+    DESCRIPTION = ("Progressive feature blending (PFB-Diff): a source branch runs beside the edit and its features "
+                   "(an SD U-Net's blocks, or the generated image's tokens in a FLUX.1 Kontext / Qwen-Image-Edit "
+                   "DiT) replace the edit's outside the mask at the chosen layers; the latent outside the mask stays "
+                   "on the source trajectory for part of the schedule.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The model (not changed)."}),
+                "model": ("MODEL", {"tooltip": "The model (not changed): SD1.5 / SDXL (or their inpainting and "
+                                             "InstructPix2Pix versions), FLUX.1 Kontext / Flux, or Qwen-Image-Edit / "
+                                             "Qwen-Image."}),
                 "positive": ("CONDITIONING", {"tooltip": "The edit prompt."}),
                 "negative": ("CONDITIONING", {"tooltip": "The negative prompt."}),
                 "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                                  "tooltip": "Classifier-free guidance scale of the edit branch."}),
+                                  "tooltip": "Classifier-free guidance scale of the edit branch (FLUX.1 Kontext: "
+                                             "1, with FluxGuidance; Qwen-Image-Edit: about 4)."}),
                 **PFB_INPUTS,
             },
             "optional": {
@@ -135,6 +146,7 @@ class XMGIEPFBGuider:
                    outside_weight: float, blend_end_percent: float, latent_blend_end_percent: float,
                    soft_edge: bool, cache: bool, cache_mb: int, source=None, id_embed: IdEmbed | None = None,
                    face_protection: float = 1.0, image_cond=None, image_cfg: float = 1.5) -> tuple:
+        check_model(model)
         settings, _ = pfb_settings(mask, source_mode, layers, outside_weight, blend_end_percent,
                                    latent_blend_end_percent, soft_edge, cache, cache_mb, id_embed, face_protection)
         if settings.empty:
@@ -164,17 +176,21 @@ class XMGIEPFBSampler:
         samplers, schedulers = sampler_choices()
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The model (not changed); base SD1.5/SDXL or an inpainting model."}),
+                "model": ("MODEL", {"tooltip": "The model (not changed): SD1.5 / SDXL (or their inpainting and "
+                                             "InstructPix2Pix versions), FLUX.1 Kontext / Flux, or Qwen-Image-Edit / "
+                                             "Qwen-Image."}),
                 "positive": ("CONDITIONING", {"tooltip": "The edit prompt (e.g. the Cross-Attention Mask node's "
                                                          "'positive')."}),
                 "negative": ("CONDITIONING", {"tooltip": "The negative prompt."}),
-                "latent_image": ("LATENT", {"tooltip": "The VAE-encoded source image; a noise_mask on it is "
+                "latent_image": ("LATENT", {"tooltip": "The VAE-encoded source image (with the model's VAE; a "
+                                                       "Qwen-Image latent may be 4-d or 5-d); a noise_mask on it is "
                                                        "honoured as in KSampler."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "Seed of the edit's noise (the source branch's noise is fixed)."}),
                 "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Sampling steps."}),
                 "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                                  "tooltip": "Classifier-free guidance scale of the edit branch."}),
+                                  "tooltip": "Classifier-free guidance scale of the edit branch (FLUX.1 Kontext: "
+                                             "1, with FluxGuidance; Qwen-Image-Edit: about 4)."}),
                 "sampler_name": (samplers, {"tooltip": "The sampling algorithm (any of KSampler's)."}),
                 "scheduler": (schedulers, {"tooltip": "The noise schedule (any of KSampler's)."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "How much "
@@ -195,6 +211,7 @@ class XMGIEPFBSampler:
                outside_weight: float, blend_end_percent: float, latent_blend_end_percent: float, soft_edge: bool,
                cache: bool, cache_mb: int, source=None, id_embed: IdEmbed | None = None, face_protection: float = 1.0,
                candidates: int = 1, vae=None) -> tuple:
+        check_model(model)
         import comfy.model_management
         import comfy.sample
         import comfy.samplers
@@ -203,10 +220,13 @@ class XMGIEPFBSampler:
 
         settings, note = pfb_settings(mask, source_mode, layers, outside_weight, blend_end_percent,
                                       latent_blend_end_percent, soft_edge, cache, cache_mb, id_embed, face_protection)
-        samples = latent_image["samples"]  # checked once, by the guider before any U-Net pass
+        # in the model's latent format as KSampler and SamplerCustomAdvanced take it (Qwen-Image: 4-d -> 5-d);
+        # checked once, by the guider before any model pass
+        samples = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         if settings.empty:
             warn_empty_mask()
-            return latent_image, [], "The mask is empty: the source latent is returned unchanged."
+            return {**latent_image, "samples": samples}, [], "The mask is empty: the source latent is returned " \
+                                                             "unchanged."
         best_of = candidates if id_embed is not None and not id_embed.empty and candidates > 1 else 1
         if best_of > 1:
             if vae is None:
@@ -215,9 +235,8 @@ class XMGIEPFBSampler:
             if samples.shape[0] != 1:
                 raise XMGIEInputError(f"Best-of-N samples candidates of one image, but the latent batch is "
                                       f"{samples.shape[0]}: use a batch of 1 (or set candidates to 1).")
-            samples = samples.repeat(best_of, 1, 1, 1)
+            samples = samples.repeat(best_of, *[1] * (samples.ndim - 1))
         guider = make_guider(model, positive, negative, source, cfg, settings)
-        samples = comfy.sample.fix_empty_latent_channels(model, samples)
         noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index") if best_of == 1 else None)
         sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                          scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas

@@ -427,3 +427,31 @@ def test_cli_edit_editor_bad_input(case, files, tmp_path, capsys):
     assert err.splitlines()[-1].startswith("error: ") and "Traceback" not in err
     assert re.search(what, err) and re.search(fix, err), f"{case}: {err}"
     assert sorted(p for p in tmp_path.rglob("*")) == before, "an output was written although the run failed"
+class MMDiT(torch.nn.Module):
+    """Stands in for SD3's diffusion model (comfy.ldm.modules.diffusionmodules.mmdit.MMDiT)."""
+
+
+def _pfb_model(diffusion_model: torch.nn.Module) -> _FakeModelPatcher:
+    model = _FakeModelPatcher()
+    model.model = type(model.model)(diffusion_model=diffusion_model)
+    return model
+
+
+PFB_MODEL_CASES = {
+    "SD3 model, sampler": ("XMGIEPFBSampler", MMDiT(), "this model's diffusion model is a MMDiT",
+                           "PFB supports SD1.x / SD2 / SDXL U-Nets, Flux / FLUX.1 Kontext and Qwen-Image\\(-Edit\\)"
+                           ".* Load one of those checkpoints\\."),
+    "other model, guider": ("XMGIEPFBGuider", torch.nn.Linear(2, 2), "this model's diffusion model is a Linear",
+                            "Load one of those checkpoints\\."),
+}
+
+
+@pytest.mark.parametrize("case", list(PFB_MODEL_CASES))
+def test_pfb_nodes_name_an_unsupported_model(pack, case):
+    """Checked before any work (and before ComfyUI is imported): the nodes' message is the seam's sentence."""
+    node, diffusion_model, what, fix = PFB_MODEL_CASES[case]
+    cls = pack.NODE_CLASS_MAPPINGS[node]
+    with pytest.raises(ValueError) as err:
+        others = [None] * (len(cls.INPUT_TYPES()["required"]) - 1)
+        getattr(cls(), cls.FUNCTION)(_pfb_model(diffusion_model), *others)
+    assert re.search(what, str(err.value)) and re.search(fix, str(err.value)), f"{case}: {err.value}"

@@ -43,10 +43,12 @@ def check_source_latent(z: torch.Tensor, channels: int, settings: PFBSettings) -
 def plan(settings: PFBSettings, layout: BlockLayout, z: torch.Tensor, channels: int,
          percent_to_sigma: Callable[[float], float]) -> BlendPlan:
     """The run's BlendPlan (layers parsed against the model's layout, eqs 5 and 23 windows in sigma), after the
-    source latent's one check."""
+    source latent's one check. A layer with outside weight 1 blends nothing (alpha_l = 1, eq 5: F_B = F_G) and is
+    left out, so no source pass runs for it: outside_weight 1 is the latent blend (eq 23) alone."""
     check_source_latent(z, channels, settings)
-    return BlendPlan.build(parse_layers(settings.layers, layout, settings.outside_weight, settings.blend_end),
-                           settings.region, settings.soft_edge, settings.latent_end, percent_to_sigma)
+    layers = parse_layers(settings.layers, layout, settings.outside_weight, settings.blend_end)
+    return BlendPlan.build([b for b in layers if b.weight < 1.0], settings.region, settings.soft_edge,
+                           settings.latent_end, percent_to_sigma)
 
 
 def epsilon_noise_scaling(sigma: float, noise: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

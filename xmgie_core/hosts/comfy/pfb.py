@@ -213,9 +213,16 @@ def pfb_guider_class() -> type:
     return PFBGuider
 
 
+def check_model(model_patcher: Any) -> None:
+    """PFB runs on SD U-Nets, Flux / FLUX.1 Kontext and Qwen-Image(-Edit); any other model gets a sentence naming
+    its architecture (checked by the nodes before any work)."""
+    dit.check_supported(model_patcher.model.diffusion_model, "PFB")
+
+
 def fusion_points(diffusion_model: torch.nn.Module) -> tuple[Any, Any]:
     """(layout, hooked) of the model's family: a U-Net's block patches or a DiT's token patches, where
     hooked(model_options, hook, layers) returns options with hook(layer, h) at those layers."""
+    dit.check_supported(diffusion_model, "PFB")
     found = dit.find(diffusion_model)
     if found is not None:
         return found.layout(), lambda options, hook, layers: dit.with_layer_hook(options, found, hook, layers)
