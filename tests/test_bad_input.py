@@ -370,7 +370,8 @@ def test_instruction_courtesy_and_whitespace_are_not_errors():
 
 REGION_ARGS = dict(image=_img(), instruction="", target_description="a man wearing a red scarf",
                    source_description="a man", edit_words="red scarf", threshold=0.5, grow=0, smoothing=0.0, seed=0,
-                   draws=1, steps=1, strength=0.5, model=_FakeModelPatcher(), clip=object(), vae=object())
+                   draws=1, steps=1, strength=0.5, model=_FakeModelPatcher(torch.nn.Identity()), clip=object(),
+                   vae=object())
 REGION_CASES = {
     "unsupported model, noise-difference": ({"mode": "noise-difference"}, "The noise-difference mode supports SD1.x "
                                             "/ SD2 / SDXL U-Nets, Flux / FLUX.1 Kontext and Qwen-Image",
