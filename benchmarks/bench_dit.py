@@ -1,4 +1,4 @@
-"""PFB on ComfyUI's DiT editors: speed and memory as ratios against the stock editor sampling run in this process.
+"""PFB and CAM on ComfyUI's DiT editors: speed and memory as ratios against the stock editor sampling run in this process.
 
 Models: ComfyUI 0.3.64's own Flux (FLUX.1 Kontext) and Qwen-Image(-Edit) classes at the real hidden size (3072, 24
 heads of 128) with few blocks (Flux: one double- and one single-stream block; Qwen-Image: two blocks), random
@@ -14,7 +14,8 @@ Baseline `stock`: comfy.samplers.CFGGuider, euler, `simple` schedule. Candidates
                   cache: one source pass per step, stopped after the deepest blended block. Target <= 1.6x.
   noised_hit      the same on a cache hit (the second edit of the same source). Target <= 1.6x.
   inverted(_hit)  with --inverted: the `inverted` source branch (a full source pass per step for the inversion).
-  cam             CAM-DiT against stock, target <= 1.10x: see `cam_candidate` (not measured until it is filled in).
+  cam             CAM-DiT (the joint-attention mask as the Cross-Attention Mask node installs it, two edit words)
+                  against stock. Target <= 1.10x.
 
 Requires COMFYUI_PATH (a ComfyUI 0.3.64 checkout); without it the script says so and exits.
 Run: COMFYUI_PATH=... python benchmarks/bench_dit.py [--size 1024] [--steps 8] [--text 512] [--family flux]
@@ -88,24 +89,27 @@ def sampling(guider: Any, model: Any, z: torch.Tensor, steps: int) -> Callable[[
                                  disable_pbar=True)
 
 
-def cam_candidate(patch: Callable[[Any, list], tuple[Any, list]] | None, model: Any, positive: list, negative: list,
-                  z: torch.Tensor, family: str, steps: int) -> Callable[[], torch.Tensor] | None:
-    """CAM-DiT against stock (target <= 1.10x). `patch(model, positive) -> (model, positive)` applies CAM-DiT as its
-    node does (a cloned MODEL with the attention override, the positive it returns); None: not measured."""
-    # >>> CAM-DiT: pass its patch here (see main: CAM_DIT_PATCH) <<<
-    if patch is None:
-        return None
+def cam_candidate(model: Any, positive: list, negative: list, mask: torch.Tensor, z: torch.Tensor, family: str,
+                  steps: int) -> Callable[[], torch.Tensor]:
+    """CAM-DiT against stock (target <= 1.10x): the MODEL cloned with the joint-attention mask as the Cross-Attention
+    Mask node installs it (hosts/comfy/cam_dit.py), the first two text tokens as edit words, the positive as the
+    node's prompt encoding."""
     import comfy.samplers
 
-    cam_model, cam_positive = patch(model, positive)
+    from xmgie_core.hosts.comfy import cam_dit, dit
+    from xmgie_core.hosts.comfy.cam import CAMSpec
+    from xmgie_core.hosts.comfy.cam_prompt import PromptEncoding
+    from xmgie_core.masks import RegionPyramid
+
+    cam_model = model.clone()
+    spec = CAMSpec((0, 1), (), int(positive[0][0].shape[1]), RegionPyramid(mask))
+    patch = cam_dit.JointCrossAttentionMask(spec, PromptEncoding("bench", (positive[0][0],)),
+                                            dit.find(model.model.diffusion_model))
+    cam_model.model_options = cam_dit.install(cam_model.model_options, patch)
     guider = comfy.samplers.CFGGuider(cam_model)
-    guider.set_conds(cam_positive, negative)
+    guider.set_conds(positive, negative)
     guider.set_cfg(CFG[family])
     return sampling(guider, cam_model, z, steps)
-
-
-CAM_DIT_PATCH: Callable[[Any, list], tuple[Any, list]] | None = None
-"""CAM-DiT's patch(model, positive) for `cam_candidate`; None until CAM-DiT exists."""
 
 
 def calls(family: str, size: int, steps: int, text: int, inverted: bool) -> dict[str, Callable[[], torch.Tensor]]:
@@ -131,9 +135,7 @@ def calls(family: str, size: int, steps: int, text: int, inverted: bool) -> dict
     if inverted:
         fns.update(inverted=pfb(source_mode="inverted"),
                    inverted_hit=pfb(source_mode="inverted", cache=SourceCache(65536)))
-    cam = cam_candidate(CAM_DIT_PATCH, model, positive, negative, z, family, steps)
-    if cam is not None:
-        fns["cam"] = cam
+    fns["cam"] = cam_candidate(model, positive, negative, mask, z, family, steps)
     for name in ("noised_hit", "inverted_hit"):
         if name in fns:
             fns[name]()  # fill the cache: every timed call is a hit
@@ -202,8 +204,7 @@ def report(family: str, steps: int, t: dict[str, float], m: dict[str, float] | N
         ratio = "" if m is None else f", memory x{m[name] / max(m['stock'], 1e-9):.2f}"
         print(f"  {name:12s} {t[name] / steps:8.2f} s/step{mem(name)} -> time x{t[name] / t['stock']:.2f}{ratio}"
               f"{target}")
-    if "cam" not in t:
-        print("  cam          not measured: CAM-DiT's patch is not set (cam_candidate / CAM_DIT_PATCH)")
+
 
 if __name__ == "__main__":
     main()
