@@ -17,7 +17,7 @@ change over the whole photo.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -25,8 +25,17 @@ from .. import drift
 from ..errors import XMGIEInputError
 from .pixels import resized_like
 
-if TYPE_CHECKING:
-    from .registry import Item
+
+class Item(Protocol):
+    """What the leak metrics read of registry.Item (not imported: the registry imports this module)."""
+
+    source: torch.Tensor
+    edit: torch.Tensor
+
+    @property
+    def edit_region(self) -> torch.Tensor | None: ...
+
+    def memo(self, key: str, compute: Callable[[], Any]) -> Any: ...
 
 
 def item_drift(item: Item) -> drift.Drift:
