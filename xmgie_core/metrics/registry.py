@@ -1,11 +1,11 @@
 """The metrics an evaluation runs, by name: what each needs from a sample, which model, where it comes from.
 
 The built-in metrics and the "drift map" panel (leak.py: the leak metrics and drift heat map of xmgie_core.drift) are
-registered below; another module adds its own with `register` (and contact-sheet pictures with `register_panel`), e.g.
+registered below; another module adds its own with `register` (and the picture of a contact-sheet column,
+evaluation.report.COLUMNS, with `register_panel`), e.g.
 
     register(Metric("region_share", ("edit_region",), None, lambda item, _: float(item.edit_region.mean()),
                     "share of the photo in the edit region"))
-    register_panel("drift map", lambda item: heat_map_image)
 
 Every metric maps an Item (source, edit and what the sample has) and its model to a float, or None where the value
 is undefined for that sample (e.g. IoU of two empty masks). A metric whose `needs` a sample lacks is not applicable
