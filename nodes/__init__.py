@@ -3,6 +3,7 @@
 from .crop_stitch import XMGIECropForEdit, XMGIEStitchEdit
 from .cross_attention_mask import XMGIECrossAttentionMask
 from .drift_map import XMGIEDriftMap
+from .edit_metrics import XMGIEEditMetrics
 from .gb_compositor import XMGIEGBCompositor
 from .identity import XMGIEIdentityScore, XMGIEIDEmbedder
 from .inputs import with_checked_numbers
@@ -26,6 +27,7 @@ NODE_CLASS_MAPPINGS = {
     "XMGIEIDEmbedder": XMGIEIDEmbedder,
     "XMGIEIdentityScore": XMGIEIdentityScore,
     "XMGIEDriftMap": XMGIEDriftMap,
+    "XMGIEEditMetrics": XMGIEEditMetrics,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -41,6 +43,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "XMGIEIDEmbedder": "XMGIE ID Embedder",
     "XMGIEIdentityScore": "XMGIE Identity Score",
     "XMGIEDriftMap": "XMGIE Drift Map",
+    "XMGIEEditMetrics": "XMGIE Edit Metrics",
 }
 
 NODE_CLASS_MAPPINGS = {key: with_checked_numbers(cls, NODE_DISPLAY_NAME_MAPPINGS[key])

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..xmgie_core.errors import XMGIEInputError
 from ..xmgie_core.paths import real_path
 
-PACK_FOLDERS = ("LLM", "insightface", "xmgie", "clipseg")
+PACK_FOLDERS = ("LLM", "insightface", "xmgie", "clipseg", "clip_metrics")
 """Folders ComfyUI does not define itself; text_encoders and clip_vision are ComfyUI's own."""
 
 
@@ -35,6 +35,11 @@ def roots(kinds: tuple[str, ...]) -> list[Path]:
         except KeyError:
             continue
     return found
+
+
+def model_folder_names(kind: str) -> list[str]:
+    """The sub-folders of ComfyUI's models/<kind> folders, sorted (a model per folder; empty outside ComfyUI)."""
+    return sorted({p.name for root in roots((kind,)) if root.is_dir() for p in root.iterdir() if p.is_dir()})
 
 
 def find_model_folder(name: str, kinds: tuple[str, ...], what: str, example: str) -> Path:

@@ -214,3 +214,33 @@ def test_the_tiny_xmgie_edit_is_evaluated(tmp_path):
     editor = json.loads((run / "run.json").read_text())["editor"]
     assert editor["kind"] == "xmgie" and editor["tiny_random_models"] and editor["region"] == "predicted"
     assert editor["settings"]["steps"] == 2 and editor["settings"]["cam"] and editor["settings"]["pfb"]
+
+
+def test_leak_metrics_and_the_drift_map_panel(tmp_path, magicbrush):
+    """100_1's edit: the source outside the dataset's mask but for one pixel whose red moves 40 levels; the leak
+    metrics are worked out by hand, and the contact sheet's 4th tile is that drift map (no longer blank)."""
+    root, edits = magicbrush
+    source, inside = d.picture(0), d.square_mask(4) > 0  # sample 100_1: input picture(0), mask rows/cols 4..15
+    edit = np.where(inside[..., None], d.picture(900), source)
+    red = int(edit[30, 30, 0])
+    edit[30, 30, 0] = red + 40 if red < 215 else red - 40
+    Image.fromarray(edit).save(edits / "100_1.png")
+    assert run_eval(tmp_path, "--dataset", root, "--edits", edits, "--metrics", "l1,leak_l1,leak_psnr,leak_max") == 0
+    run = tmp_path / "runs" / "eval"
+    rows = rows_of(run)
+    outside = (~inside).sum() * 3
+    leak = rows["100_1"]["metrics"]
+    assert leak["leak_l1"] == pytest.approx(40 / 255 / outside)
+    assert leak["leak_max"] == pytest.approx(40 / 255)
+    assert leak["leak_psnr"] == pytest.approx(10 * math.log10(outside / (40 / 255) ** 2))
+    assert {"leak_l1", "leak_psnr", "leak_max"} <= set(rows["207_2"]["metrics"])
+    md = (run / "summary.md").read_text()
+    assert "| leak_l1 |" in md and "| leak_max |" in md and "outside the edit region" in md
+    sheet = np.asarray(Image.open(run / "contact_sheet.png").convert("RGB"))
+    tile = sheet[16:16 + 128, 3 * 128:4 * 128]  # row 100_1, column "drift map": the 32x32 map at 4x, nearest
+    assert (tile[4 * 30:4 * 31, 4 * 30:4 * 31] == 255).all()  # the leaked pixel: 40/255 > full scale, white
+    outside_tile = np.kron(~inside, np.ones((4, 4), bool))
+    outside_tile[4 * 30:4 * 31, 4 * 30:4 * 31] = False
+    assert (tile[outside_tile] == 0).all()  # unchanged outside: black
+    region = tile[~outside_tile & np.kron(inside, np.ones((4, 4), bool))]
+    assert (region[:, 0] == region[:, 1]).all() and (region[:, 1] == region[:, 2]).all() and region.max() <= 64

@@ -1,7 +1,8 @@
 """Drift outside the edit region: how much an edit changed the pixels it should have left alone.
 
 With the source S and the edit E (IMAGE, 0..1) and the outside O = pixels whose mask value is below masks.INSIDE
-and that lie more than `margin` pixels from the region (Euclidean, so a blend zone of that width can be left out):
+and that lie more than `margin` pixels from the region (Euclidean, so a blend zone of that width can be left out);
+without a mask O is the whole image:
 
   d(p)     = max over colour channels |E(p) - S(p)|                       (the per-pixel change)
   mean_abs = mean over O and channels |E - S|,  max_abs = max over O of d
@@ -72,10 +73,10 @@ def hot(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([(3 * t - k).clamp(0.0, 1.0) for k in range(3)], dim=-1)
 
 
-def drift_map(source: torch.Tensor, edited: torch.Tensor, mask: torch.Tensor, full_scale: float = FULL_SCALE,
+def drift_map(source: torch.Tensor, edited: torch.Tensor, mask: torch.Tensor | None, full_scale: float = FULL_SCALE,
               margin: float = MARGIN) -> Drift:
     """The heat map and per-image statistics of the module docstring, for IMAGEs of one size (a batch of 1
-    broadcasts) and a MASK at that size (one for all or one per image)."""
+    broadcasts) and a MASK at that size (one for all or one per image; None: the whole image is compared)."""
     check_range(full_scale, "full_scale", *FULL_SCALE_RANGE,
                 hint="It is the change shown white on the heat map (0.05 = 5% of the range, about 13/255).")
     check_range(margin, "margin", *MARGIN_RANGE,
@@ -83,7 +84,10 @@ def drift_map(source: torch.Tensor, edited: torch.Tensor, mask: torch.Tensor, fu
                      "edge_width).")
     source, edited = matching_images(rgb_image(source, "source").float(), rgb_image(edited, "edited").float(),
                                      "source", "edited")
-    outside = outside_region(mask_for_image(mask, edited, "mask", "edited"), margin).to(edited.device)
+    if mask is None:
+        outside = torch.ones(edited.shape[:3], dtype=torch.bool, device=edited.device)
+    else:
+        outside = outside_region(mask_for_image(mask, edited, "mask", "edited"), margin).to(edited.device)
     diff = edited - source
     change = diff.abs().amax(dim=-1)
     grey = source.mean(dim=-1, keepdim=True).expand_as(source) * REGION_BRIGHTNESS

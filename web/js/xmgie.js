@@ -3,9 +3,10 @@
 // encoded prompt ('positive') feeds no sampler (the sampler would then never see the masked prompt).
 // After a run, a node that reports a warning (`xmgie_warning` in its UI output, e.g. the Region
 // Predictor finding an empty region) shows it in its title and, in full, in its tooltip-like description.
-// A node that reports text (`text` in its UI output: the Identity Score's IPS report) shows it in a read-only
-// multiline widget, created on the first run and updated on every later one. Images a node reports (the Region
-// Predictor's preview, ComfyUI's `images` UI key) are drawn on the node by the frontend itself.
+// A node of SHOWS_TEXT that reports text (`text` in its UI output: the Identity Score's IPS report, the Drift Map's
+// and Edit Metrics' reports) shows it in a read-only multiline widget, created on the first run and updated on every
+// later one. Images a node reports (the Region Predictor's preview, the heat maps, ComfyUI's `images` UI key) are
+// drawn on the node by the frontend itself.
 import { app } from "../../../scripts/app.js";
 import { ComfyWidgets } from "../../../scripts/widgets.js";
 
@@ -26,7 +27,7 @@ const WARNINGS = {
 };
 
 const REPORT_WIDGET = "xmgie_report";
-const SHOWS_TEXT = new Set(["XMGIEIdentityScore", "XMGIEDriftMap"]);
+const SHOWS_TEXT = new Set(["XMGIEIdentityScore", "XMGIEDriftMap", "XMGIEEditMetrics"]);
 
 function showText(node, lines) {
   let widget = node.widgets?.find((w) => w.name === REPORT_WIDGET);

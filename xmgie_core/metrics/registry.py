@@ -1,11 +1,11 @@
 """The metrics an evaluation runs, by name: what each needs from a sample, which model, where it comes from.
 
-Another module adds its own with `register` (and contact-sheet pictures with `register_panel`): the leak metrics and
-the drift heat map of xmgie_core.drift are meant to plug in here, e.g.
+The built-in metrics and the "drift map" panel (leak.py: the leak metrics and drift heat map of xmgie_core.drift) are
+registered below; another module adds its own with `register` (and the picture of a contact-sheet column,
+evaluation.report.COLUMNS, with `register_panel`), e.g.
 
-    register(Metric("leak_l1", ("edit_region",), None, lambda item, _: ..., "xMGIE: L1 outside the edit region",
-                    higher_is_better=False))
-    register_panel("drift map", lambda item: heat_map_image)
+    register(Metric("region_share", ("edit_region",), None, lambda item, _: float(item.edit_region.mean()),
+                    "share of the photo in the edit region"))
 
 Every metric maps an Item (source, edit and what the sample has) and its model to a float, or None where the value
 is undefined for that sample (e.g. IoU of two empty masks). A metric whose `needs` a sample lacks is not applicable
@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import XMGIEInputError
-from . import pixels, semantic
+from . import leak, pixels, semantic
 from .identity import ips_per_face
 
 
@@ -102,6 +102,7 @@ def _emu(name: str) -> Callable[[Item, Any], float | None]:
 
 MB = "MagicBrush evaluation/image_eval.py"
 EMU = "Emu Edit §5, as InstructPix2Pix metrics/clip_similarity.py"
+LEAK = "xMGIE leak (metrics/leak.py): edit vs source outside the edit region,"
 for _metric in (
     Metric("l1", ("target",), None, lambda i, _: pixels.l1(i.edit, i.target), f"{MB} eval_distance (edit vs target)",
            False),
@@ -126,5 +127,9 @@ for _metric in (
     Metric("region_iou", ("pred_mask", "gt_mask"), None, lambda i, _: pixels.region_iou(i.pred_mask, i.gt_mask),
            "IoU of the editor's region and the dataset's mask"),
     Metric("ips", (), "faces", _ips, "xMGIE §4.2 IPS, worst face (every face in ips_faces)"),
+    Metric("leak_l1", ("edit_region",), None, leak.leak_l1, f"{LEAK} mean |change| (L1)", False),
+    Metric("leak_psnr", ("edit_region",), None, leak.leak_psnr, f"{LEAK} PSNR, data range 1"),
+    Metric("leak_max", ("edit_region",), None, leak.leak_max, f"{LEAK} max |change| of a pixel", False),
 ):
     register(_metric)
+register_panel("drift map", leak.drift_panel)
