@@ -15,6 +15,7 @@ from .. import gb
 from ..device import resolve_device
 from ..errors import XMGIEInputError
 from ..instruction.rules import rules_plan
+from . import batch
 from .edit import SETTING_HINTS, SETTING_RANGES, EditSettings
 from ..image_io import check_out_dir, load_image, load_mask, save_image, unused_stem
 from ..validation import check_range
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is usable, else cpu)")
     e.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     e.set_defaults(run=run_edit)
+    batch.add_arguments(sub.add_parser("batch", help=batch.HELP), e)
     return p
 
 
