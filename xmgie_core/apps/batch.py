@@ -23,6 +23,7 @@ import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -141,6 +142,7 @@ class BatchConfig:
     threads: int
     """CPU threads of every worker: torch's CPU kernels (convolutions, matmuls) sum in another order with another
     thread count, so every worker takes this one count, and equal counts give equal files bit for bit."""
+    tiny_tag: str
 
     def item_settings(self, item: dict):
         """The edit's settings for `item`: its instruction and its seed (else the --seed default)."""
@@ -197,14 +199,13 @@ class EditActor:
 
     def _edit(self, item: dict) -> dict:
         from ..image_io import load_image, load_mask, save_image
-        from .cli import TINY_TAG
         from .edit import edit_photo
 
         settings = self.config.item_settings(item)
         photo = load_image(Path(item["source"]))[0]
         mask = load_mask(Path(item["mask"])) if item.get("mask") else None
         result = edit_photo(self.models, photo, settings, mask, self.backend)
-        stem = item["id"] + (f"_{TINY_TAG}" if self.models.tiny else "")
+        stem = item["id"] + (f"_{self.config.tiny_tag}" if self.models.tiny else "")
         outputs = {"edit": f"{stem}_edit.png", "mask": f"{stem}_mask.png"}
         for name, image in (("edit", result.image), ("mask", result.mask)):
             write_atomic(self.out / outputs[name], lambda p, image=image: save_image(image, p))
@@ -238,11 +239,11 @@ def is_done(out: Path, item_id: str) -> bool:
 
 # ------------------------------------------------------------------------------------------------------- the run
 
-def run_batch(args: argparse.Namespace) -> list[Path]:
-    from .cli import NO_MODEL
-
+def run_batch(args: argparse.Namespace, no_model: str, tiny_tag: str) -> list[Path]:
+    """The `batch` command; `no_model` is the edit command's message for a missing model, `tiny_tag` its mark on the
+    names of files made with the tiny models."""
     if args.checkpoint is None and not args.tiny:
-        raise XMGIEInputError(NO_MODEL)
+        raise XMGIEInputError(no_model)
     if args.checkpoint is not None and args.tiny:
         raise XMGIEInputError("--tiny and --checkpoint exclude each other: --tiny uses tiny random-weight models.")
     if not args.ray and (args.ray_address or args.workers):
@@ -266,7 +267,7 @@ def run_batch(args: argparse.Namespace) -> list[Path]:
     config = BatchConfig(str(out.resolve()), args.checkpoint and str(args.checkpoint), args.config and str(args.config),
                          args.tiny, args.device, args.identity, args.insightface_root and str(args.insightface_root),
                          args.insightface_pack, {k: v for k, v in asdict(settings).items() if k != "instruction"},
-                         args.threads or torch.get_num_threads())
+                         args.threads or torch.get_num_threads(), tiny_tag)
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     with ray_workers(args.ray_address, args.workers, config.threads, log) if args.ray else nullcontext() as on_ray:
         (out / RECORDS).mkdir(parents=True, exist_ok=True)
@@ -352,8 +353,9 @@ def write_report(out: Path, data: list[dict]) -> Path:
 
 # ------------------------------------------------------------------------------------------------- command line
 
-def add_arguments(p: argparse.ArgumentParser, edit: argparse.ArgumentParser) -> None:
-    """The `batch` command's options: its own, and `edit`'s model and settings options (SHARED) as they are."""
+def add_arguments(p: argparse.ArgumentParser, edit: argparse.ArgumentParser, no_model: str, tiny_tag: str) -> None:
+    """The `batch` command's options: its own, and `edit`'s model and settings options (SHARED) as they are; the edit
+    command's missing-model message and tiny-model file mark (passed in: this module does not import the CLI)."""
     p.add_argument("--data", type=Path, required=True,
                    help="a .csv (header row) or .jsonl list with id, source, instruction, optional mask and seed "
                         "(paths relative to the list), or the folder holding it")
@@ -367,17 +369,10 @@ def add_arguments(p: argparse.ArgumentParser, edit: argparse.ArgumentParser) -> 
     for action in edit._actions:  # noqa: SLF001 - argparse's own list of a parser's options
         if action.dest in SHARED:
             p._add_action(action)  # noqa: SLF001
-    p.set_defaults(run=run_batch)
+    p.set_defaults(run=partial(run_batch, no_model=no_model, tiny_tag=tiny_tag))
 
 
 def positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return int(text)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m xmgie_core batch ...` (the same command line, errors and exit codes)."""
-    from .cli import main as cli_main
-
-    return cli_main(["batch", *(sys.argv[1:] if argv is None else argv)])

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is usable, else cpu)")
     e.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     e.set_defaults(run=run_edit)
-    batch.add_arguments(sub.add_parser("batch", help=batch.HELP), e)
+    batch.add_arguments(sub.add_parser("batch", help=batch.HELP), e, NO_MODEL, TINY_TAG)
     return p
 
 
