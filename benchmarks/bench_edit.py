@@ -13,11 +13,15 @@ batch throughput in this process against Ray local workers. Ratios are against b
 3. `python -m xmgie_core batch` over --items tiny items: in this process, and on a local Ray (started once, its
    start timed apart) with 1 and 2 CPU workers, each loading its own pipeline; the files are compared too.
 
-Why the earlier version did not finish in 20 minutes on 2 cores: it timed each whole edit 4 times (warm-up + 3
-rounds) at 20 steps and 10 draws, then ran every call twice more in a child process for peak memory, with glibc
-returning every allocation over 64 KiB to the kernel (each U-Net step's attention buffers were mapped and zeroed
-afresh) and a thread sampling the resident size every 0.2 ms on the two cores the model used. Memory is measured
-by the benchmarks of the parts (bench_pfb, bench_region, bench_identity); this one times.
+Why the earlier version did not finish in 20 minutes on 2 cores: it timed each call 4 times (warm-up + 3 rounds) at
+20 steps and 10 draws, then ran every call twice more in a child process for peak memory (models rebuilt there).
+Timed at 4 steps and 2 draws on an idle machine, the 512 x 512 edit took 16 s (region 6.1, sampling 7.3, identity
+2.4), the 4000 x 3000 edit 10 s and the baseline 8 s; at 20 steps and 10 draws that is about 75 + 35 + 40 s a round,
+6 rounds = 15 min with the machine to itself, before the memory phase's own costs (glibc made to map and zero every
+allocation over 64 KiB afresh, a thread sampling the resident size every 0.2 ms beside the model's two threads).
+On 2 shared cores it could not finish. The tiny "baseline" was not cheap either: the tiny U-Net has self-attention
+at the full 64 x 64 latent (4096 tokens). Memory is measured by the benchmarks of the parts (bench_pfb,
+bench_region, bench_identity); this one times.
 
 Run: python benchmarks/bench_edit.py [--quick] [--size 512] [--steps 3] [--draws 2] [--rounds 1] [--items 6]
 """

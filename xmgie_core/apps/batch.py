@@ -25,9 +25,10 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import XMGIEInputError
+from ..training import read_jsonl
 
 COLUMNS = ("id", "source", "instruction")
 """Required columns of a list; `mask` and `seed` are optional."""
@@ -97,31 +98,26 @@ def list_file(path: Path) -> Path:
     return path
 
 
-def _read_rows(path: Path) -> Iterable[tuple[int, dict]]:
-    """(line number, row) of a CSV (header on line 1) or JSONL list; blank JSONL lines are skipped."""
+def _read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of a CSV (header on line 1) or JSONL list (training.read_jsonl: blank lines skipped)."""
+    if path.suffix.lower() == ".jsonl":
+        return read_jsonl(path, _json_row, f"Write one object a line with {', '.join(COLUMNS)} (mask and seed "
+                                           "optional).")
     with path.open(newline="", encoding="utf-8-sig") as f:
-        if path.suffix.lower() == ".csv":
-            reader = csv.DictReader(f)
-            absent = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-            if absent:
-                raise XMGIEInputError(f"{path} has no column {', '.join(absent)} (its header: "
-                                      f"{', '.join(reader.fieldnames or []) or 'empty'}). The first row must name "
-                                      f"the columns {', '.join(COLUMNS)} (mask and seed optional).")
-            for row in reader:
-                yield reader.line_num, row
-            return
-        for number, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise XMGIEInputError(f"{path} line {number} is not JSON ({e.msg}). Write one JSON object a line, "
-                                      'e.g. {"id": "a", "source": "a.png", "instruction": "..."}.') from None
-            if not isinstance(row, dict):
-                raise XMGIEInputError(f"{path} line {number} is a JSON {type(row).__name__}, not an object. Write "
-                                      'one object a line, e.g. {"id": "a", "source": "a.png", "instruction": "..."}.')
-            yield number, row
+        reader = csv.DictReader(f)
+        absent = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        if absent:
+            raise XMGIEInputError(f"{path} has no column {', '.join(absent)} (its header: "
+                                  f"{', '.join(reader.fieldnames or []) or 'empty'}). The first row must name "
+                                  f"the columns {', '.join(COLUMNS)} (mask and seed optional).")
+        return [(reader.line_num, row) for row in reader]
+
+
+def _json_row(row: Any, path: Path, line: int) -> tuple[int, dict]:
+    if not isinstance(row, dict):
+        raise XMGIEInputError(f"{path}, line {line}: a JSON {type(row).__name__}, not an object. Write one object a "
+                              'line, e.g. {"id": "a", "source": "a.png", "instruction": "..."}.')
+    return line, row
 
 
 # --------------------------------------------------------------------------------------------- editing one item
