@@ -18,7 +18,7 @@ from .. import gb
 from ..device import resolve_device
 from ..errors import XMGIEInputError
 from ..instruction.rules import rules_plan
-from . import evaluate
+from . import batch, evaluate
 from .edit import EDITOR_DEFAULTS, EDITORS, MASK_NEEDED, SETTING_HINTS, SETTING_RANGES, EditSettings
 from ..image_io import check_out_dir, load_image, load_mask, save_image, unused_stem
 from ..validation import check_range
@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     e.set_defaults(run=run_edit)
     evaluate.add_arguments(sub.add_parser("eval", help="Score an editor over a dataset (MagicBrush, Emu Edit metrics)"))
+    batch.add_arguments(sub.add_parser("batch", help=batch.HELP), e, NO_MODEL, TINY_TAG)
     return p
 
 
