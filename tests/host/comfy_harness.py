@@ -562,3 +562,18 @@ def check_edit_inside_only(runner: "PromptRunner", prompt: dict, save_id: str) -
     assert not problem, f"far outside the mask the result is not the source: {problem}"
     assert (expected.region & (out != expected.source).any(axis=-1)).any(), "the edit did not arrive"
     return out
+
+
+def interrupt_on_call(n: int):
+    """A U-Net function wrapper (ModelPatcher.set_model_unet_function_wrapper) that asks ComfyUI to interrupt on the
+    n-th model call, as a user's POST /interrupt would; `.calls` counts the calls."""
+    import comfy.model_management as mm
+
+    def wrapper(apply_model, args):
+        wrapper.calls.append(1)
+        if len(wrapper.calls) == n:
+            mm.interrupt_current_processing(True)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    wrapper.calls = []
+    return wrapper

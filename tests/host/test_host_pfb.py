@@ -105,20 +105,13 @@ def test_interrupt_stops_sampling_and_inversion(comfy_host, sd15, conds):
     import comfy.model_management as mm
 
     model = sd15[0].clone()
-    calls = []
-
-    def interrupt_on_second_call(apply_model, args):
-        calls.append(1)
-        if len(calls) == 2:
-            mm.interrupt_current_processing(True)
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    model.set_model_unet_function_wrapper(interrupt_on_second_call)
+    interrupt = harness.interrupt_on_call(2)
+    model.set_model_unet_function_wrapper(interrupt)
     for mode in ("noised", "inverted"):
-        calls.clear()
+        interrupt.calls.clear()
         with pytest.raises(mm.InterruptProcessingException):
             run_sampler(comfy_host, model, conds, source_mode=mode, steps=6)
-        assert len(calls) == 2 and not mm.processing_interrupted()
+        assert len(interrupt.calls) == 2 and not mm.processing_interrupted()
 
 
 def count_attn2(model) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import comfy_harness as harness
 import tiny_dit as td
 
 FAMILIES = [td.FLUX, td.QWEN]
@@ -291,19 +292,12 @@ def test_interrupt_stops_the_run_and_restores_the_state(comfy_host, pfb_host, mo
     base = models[family]
     before = model_state(base)
     model = base.clone()
-    calls = []
-
-    def interrupt_on_second_call(apply_model, args):
-        calls.append(1)
-        if len(calls) == 2:
-            mm.interrupt_current_processing(True)
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    model.set_model_unet_function_wrapper(interrupt_on_second_call)
+    interrupt = harness.interrupt_on_call(2)
+    model.set_model_unet_function_wrapper(interrupt)
     pfb_host[1].SOURCE_CACHE.clear()
     with pytest.raises(mm.InterruptProcessingException):
         run_sampler_node(comfy_host, model, family, source_mode=mode, cache=True)
-    assert len(calls) == 2 and not mm.processing_interrupted()
+    assert len(interrupt.calls) == 2 and not mm.processing_interrupted()
     assert_unchanged(base, before)
     again = run_sampler_node(comfy_host, base, family, source_mode=mode, cache=True)["samples"]
     fresh = run_sampler_node(comfy_host, base, family, source_mode=mode, cache=False)["samples"]
