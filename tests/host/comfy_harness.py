@@ -160,22 +160,24 @@ TINY_UNET_CONFIG: dict[str, Any] = dict(
 """Reduced UNet that model detection still classifies as SD15 (only 320/768/conv proj_in/no adm are checked)."""
 
 
-def randomized(state_dict: dict, generator: Any) -> dict:
+def randomized(state_dict: dict, generator: Any, dtype: Any = None) -> dict:
     """Seeded random weights with sane scales: 1-D weights (norms) 1, biases 0, 0-d scalars kept,
-    other tensors N(0, 1/fan_in). Needed because ComfyUI's ops leave weights uninitialised."""
+    other tensors N(0, 1/fan_in), floats in `dtype` (float32 by default; each tensor is drawn in float32 first).
+    Needed because ComfyUI's ops leave weights uninitialised."""
     import torch
 
+    dtype = dtype or torch.float32
     out = {}
     for key, value in state_dict.items():
         if not value.is_floating_point() or value.ndim == 0:
             out[key] = value.clone()
         elif key.endswith("bias"):
-            out[key] = torch.zeros_like(value, dtype=torch.float32)
+            out[key] = torch.zeros(value.shape, dtype=dtype)
         elif value.ndim == 1:
-            out[key] = torch.ones_like(value, dtype=torch.float32)
+            out[key] = torch.ones(value.shape, dtype=dtype)
         else:
             fan_in = int(np.prod(value.shape[1:]))
-            out[key] = torch.randn(value.shape, generator=generator) / fan_in ** 0.5
+            out[key] = (torch.randn(value.shape, generator=generator) / fan_in ** 0.5).to(dtype)
     return out
 
 
@@ -203,6 +205,53 @@ def build_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     clip = randomized({k: v for k, v in clip.items() if k.startswith(clip_prefix)}, gen)
     sd.update({"cond_stage_model.transformer.text_model." + k[len(clip_prefix):]: v for k, v in clip.items()})
     sd = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny SDXL-family checkpoint
+# --------------------------------------------------------------------------------------------------
+
+TINY_SDXL_CHECKPOINT_NAME = "xmgie_tiny_sdxl.safetensors"
+
+TINY_SDXL_UNET_CONFIG: dict[str, Any] = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2], channel_mult=[1, 1, 1],
+    transformer_depth=[0, 0, 1, 1, 2, 2], transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1],
+    transformer_depth_middle=1, context_dim=2048, num_heads=-1, num_head_channels=64, use_spatial_transformer=True,
+    use_linear_in_transformer=True, legacy=False, num_classes="sequential", adm_in_channels=2816,
+)
+"""Segmind Vega's U-Net layout (supported_models.Segmind_Vega: 320 channels, linear proj_in, 2048-d context, adm 2816,
+input transformer depths 0,0,1,1,2,2 — SDXL 1.0's block numbering with fewer transformer blocks) at the narrowest
+width detection accepts (channel_mult 1,1,1; channel_mult, the output and middle depths are not checked). ComfyUI
+loads it as model_base.SDXL."""
+
+
+def build_tiny_sdxl_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Write a ~1.8 GB fp16 safetensors checkpoint ComfyUI detects as an SDXL (Segmind Vega's layout): the reduced
+    U-Net above, full-size random CLIP-L and CLIP-G, TAESD VAE, with the keys of a real SDXL checkpoint (ComfyUI's own
+    process_clip_state_dict_for_saving). CLIP-G cannot be smaller: SDXLClipG always builds comfy/clip_config_bigg.json
+    (32 layers, width 1280) and CheckpointLoaderSimple passes no config override, so a smaller one would load with
+    missing, uninitialised weights. ComfyUI must already be imported (its classes name the keys)."""
+    import torch
+    from safetensors.torch import save_file
+
+    import comfy.ops
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.taesd.taesd
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.float16
+    unet = UNetModel(**TINY_SDXL_UNET_CONFIG, operations=comfy.ops.disable_weight_init).state_dict()
+    sd = {"model.diffusion_model." + k: v for k, v in randomized(unet, gen, half).items()}
+    sd.update({"first_stage_model." + k: v for k, v in randomized(comfy.taesd.taesd.TAESD().state_dict(), gen, half).items()})
+    clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=half).state_dict()  # uninitialised: only shapes are read
+    clip = randomized({k: v for k, v in clip.items() if not k.endswith("logit_scale")}, gen, half)
+    sd.update(comfy.supported_models.Segmind_Vega(TINY_SDXL_UNET_CONFIG).process_clip_state_dict_for_saving(clip))
+    sd = {k: (v.to(half) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path))
     return path
@@ -476,8 +525,9 @@ class ComfyClient(ApiClient):
         if errors:
             raise PromptFailed("prompt failed: " + describe_failure(errors) + "\n" + self.server.log_tail())
 
-    def run(self, prompt: dict, timeout: float = 300.0, extra_data: dict | None = None) -> PromptRun:
-        """Queue a prompt, wait for it over the websocket, and return its history outputs."""
+    def run(self, prompt: dict, timeout: float = 1800.0, extra_data: dict | None = None) -> PromptRun:
+        """Queue a prompt, wait for it over the websocket, and return its history outputs. `timeout` only stops
+        waiting on a hung server: an SDXL workflow on a busy shared CPU takes many minutes."""
         import websocket
 
         ws = websocket.create_connection(self.websocket_url(), timeout=30)
@@ -577,3 +627,39 @@ def interrupt_on_call(n: int):
 
     wrapper.calls = []
     return wrapper
+
+
+def bundled_edit_prompt(name: str, checkpoint: str, seed: int, image: str | None = None) -> dict:
+    """A bundled workflow with a Region Predictor and a PFB Sampler (API format) on `checkpoint`: 2 sampling steps,
+    2 noise draws, `seed` for both, optionally another input image."""
+    prompt = load_workflow(name)
+    node_of(prompt, "CheckpointLoaderSimple")[1]["inputs"]["ckpt_name"] = checkpoint
+    node_of(prompt, "XMGIEPFBSampler")[1]["inputs"].update(steps=2, seed=seed)
+    node_of(prompt, "XMGIERegionPredictor")[1]["inputs"].update(draws=2, seed=seed)
+    if image:
+        node_of(prompt, "LoadImage")[1]["inputs"]["image"] = image
+    return prompt
+
+
+def check_edit_inside_predicted_region(runner: "PromptRunner", prompt: dict, prefix: str,
+                                       source: np.ndarray) -> tuple[PromptRun, np.ndarray]:
+    """Run a bundled workflow with its Region Predictor's mask saved too: the region is neither empty nor full, every
+    saved photo has the source's size and is the source bit for bit farther than the GB edge width + 1 px outside
+    the region, and some photo differs from the source inside it. Returns the run and the first photo."""
+    save_id, save = node_of(prompt, "SaveImage")
+    save["inputs"]["filename_prefix"] = prefix
+    region_id, _ = node_of(prompt, "XMGIERegionPredictor")
+    margin = float(node_of(prompt, "XMGIEGBCompositor")[1]["inputs"]["edge_width"]) + 1.0
+    prompt["90"] = {"class_type": "MaskToImage", "inputs": {"mask": [region_id, 0]}}
+    prompt["91"] = {"class_type": "SaveImage", "inputs": {"images": ["90", 0], "filename_prefix": prefix + "_mask"}}
+    run = runner.run(prompt)
+    outs = [runner.read_image(image) for image in run.images(save_id)]
+    region = runner.read_image(run.images("91")[0])[..., 0] >= 128
+    assert region.any() and not region.all(), "the predicted region is empty or full"
+    far = ndimage.distance_transform_edt(~region) > margin
+    for out in outs:
+        assert out.shape == source.shape
+        problem = pixel_mismatch(out, source, far)
+        assert not problem, f"far outside the predicted region the result is not the source: {problem}"
+    assert any((region & (out != source).any(axis=-1)).any() for out in outs), "the edit did not arrive"
+    return run, outs[0]

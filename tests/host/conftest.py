@@ -1,9 +1,9 @@
 """Host tier: tests against a real ComfyUI checkout named by COMFYUI_PATH (skipped when it is unset).
 
 Session fixtures: ComfyUI imported in-process with this pack loaded through its custom-node loader
-(`comfy_host`), a tiny random-weight SD1.5 checkpoint built at test time (`tiny_checkpoint`), a
-`main.py --cpu` subprocess with a client (`comfy_client`), and `runner`, which parametrizes a test over
-both transports (serverless and HTTP).
+(`comfy_host`), tiny random-weight SD1.5 and SDXL checkpoints built at test time (`tiny_checkpoint`,
+`tiny_sdxl_checkpoint`), a `main.py --cpu` subprocess with a client (`comfy_client`), and `runner`, which
+parametrizes a test over both transports (serverless and HTTP).
 """
 
 from __future__ import annotations
@@ -51,9 +51,22 @@ def tiny_checkpoint(comfy_host: harness.ComfyHost, tmp_path_factory: pytest.Temp
 
     Its file name (`.name`) is the `ckpt_name` for CheckpointLoaderSimple.
     """
+    return registered_checkpoint(
+        harness.build_tiny_sd15_checkpoint(tmp_path_factory.mktemp("ckpt") / harness.TINY_CHECKPOINT_NAME))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint(comfy_host: harness.ComfyHost, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SDXL-family checkpoint (Segmind Vega's U-Net layout, full-size CLIP-L and CLIP-G; ~1.8 GB), registered in
+    the in-process ComfyUI's checkpoints folder. `sdxl_checkpoint_name` also shows it to the server."""
+    return registered_checkpoint(
+        harness.build_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("sdxl_ckpt") / harness.TINY_SDXL_CHECKPOINT_NAME))
+
+
+def registered_checkpoint(path: Path) -> Path:
+    """`path`, its folder added to the in-process ComfyUI's checkpoints folders."""
     import folder_paths
 
-    path = harness.build_tiny_sd15_checkpoint(tmp_path_factory.mktemp("ckpt") / harness.TINY_CHECKPOINT_NAME)
     folder_paths.add_model_folder_path("checkpoints", str(path.parent), is_default=True)
     return path
 
@@ -87,3 +100,11 @@ def serverless_runner(comfy_host: harness.ComfyHost) -> harness.InProcessRunner:
 def runner(request: pytest.FixtureRequest) -> harness.PromptRunner:
     """Each test using it runs twice: in-process and against the server subprocess."""
     return request.getfixturevalue("serverless_runner" if request.param == "serverless" else "comfy_client")
+
+
+@pytest.fixture
+def sdxl_checkpoint_name(runner: harness.PromptRunner, tiny_sdxl_checkpoint: Path, request: pytest.FixtureRequest) -> str:
+    """The tiny SDXL checkpoint's ckpt_name for `runner` (over HTTP it is linked into the server's checkpoints)."""
+    if runner.name == "http":
+        harness.make_base_directory(request.getfixturevalue("comfy_server").base, tiny_sdxl_checkpoint)
+    return tiny_sdxl_checkpoint.name

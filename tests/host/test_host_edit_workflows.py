@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from scipy import ndimage
 
 import comfy_harness as harness
 
@@ -16,41 +15,11 @@ EDIT = "api/xmgie_edit.json"
 FACE = "api/xmgie_edit_face.json"
 
 
-def tiny_edit_prompt(name: str, checkpoint: str, seed: int, image: str | None = None) -> dict:
-    prompt = harness.load_workflow(name)
-    harness.node_of(prompt, "CheckpointLoaderSimple")[1]["inputs"]["ckpt_name"] = checkpoint
-    harness.node_of(prompt, "XMGIEPFBSampler")[1]["inputs"].update(steps=2, seed=seed)
-    harness.node_of(prompt, "XMGIERegionPredictor")[1]["inputs"].update(draws=2, seed=seed)
-    if image:
-        harness.node_of(prompt, "LoadImage")[1]["inputs"]["image"] = image
-    return prompt
-
-
-def run_and_check(runner, prompt: dict, prefix: str, source: np.ndarray) -> tuple[harness.PromptRun, np.ndarray]:
-    """Run with the Region Predictor's mask saved too; the photo must be the source far outside that region."""
-    save_id, save = harness.node_of(prompt, "SaveImage")
-    save["inputs"]["filename_prefix"] = prefix
-    region_id, _ = harness.node_of(prompt, "XMGIERegionPredictor")
-    prompt["90"] = {"class_type": "MaskToImage", "inputs": {"mask": [region_id, 0]}}
-    prompt["91"] = {"class_type": "SaveImage", "inputs": {"images": ["90", 0], "filename_prefix": prefix + "_mask"}}
-    run = runner.run(prompt)
-    outs = [runner.read_image(image) for image in run.images(save_id)]
-    region = runner.read_image(run.images("91")[0])[..., 0] >= 128
-    assert region.any() and not region.all(), "the predicted region is empty or full"
-    far = ndimage.distance_transform_edt(~region) > 17  # edge_width 16 + 1
-    for out in outs:
-        assert out.shape == source.shape
-        problem = harness.pixel_mismatch(out, source, far)
-        assert not problem, f"far outside the predicted region the result is not the source: {problem}"
-    assert any((region & (out != source).any(axis=-1)).any() for out in outs), "the edit did not arrive"
-    return run, outs[0]
-
-
 def test_edit_workflow_runs(runner, tiny_checkpoint):
-    prompt = tiny_edit_prompt(EDIT, tiny_checkpoint.name, 5 if runner.name == "http" else 6)
+    prompt = harness.bundled_edit_prompt(EDIT, tiny_checkpoint.name, 5 if runner.name == "http" else 6)
     harness.provide_images_and_prefix(runner, prompt, "unused")
     source = np.array(Image.open(harness.ASSETS_DIR / "xmgie_astronaut_source.png").convert("RGB"))
-    run_and_check(runner, prompt, f"xmgie_edit_{runner.name}", source)
+    harness.check_edit_inside_predicted_region(runner, prompt, f"xmgie_edit_{runner.name}", source)
 
 
 def test_edit_workflow_on_a_photo_larger_than_the_working_size(serverless_runner, tiny_checkpoint, tmp_path):
@@ -60,10 +29,10 @@ def test_edit_workflow_on_a_photo_larger_than_the_working_size(serverless_runner
     path = tmp_path / "xmgie_large_photo.png"
     big.save(path)
     name = serverless_runner.provide_input(path)
-    prompt = tiny_edit_prompt(EDIT, tiny_checkpoint.name, 7, image=name)
+    prompt = harness.bundled_edit_prompt(EDIT, tiny_checkpoint.name, 7, image=name)
     crop_id, crop = harness.node_of(prompt, "XMGIECropForEdit")
     prompt["92"] = {"class_type": "PreviewImage", "inputs": {"images": [crop_id, 0]}}
-    run, _ = run_and_check(serverless_runner, prompt, "xmgie_edit_large", np.array(big))
+    run, _ = harness.check_edit_inside_predicted_region(serverless_runner, prompt, "xmgie_edit_large", np.array(big))
     (seen,) = [serverless_runner.read_image(image) for image in run.images("92")]
     working = crop["inputs"]["working_size"]
     assert max(seen.shape[:2]) == working < max(big.size), f"the model saw {seen.shape[:2]}, not a crop"
@@ -71,11 +40,11 @@ def test_edit_workflow_on_a_photo_larger_than_the_working_size(serverless_runner
 
 
 def test_face_workflow_runs_and_scores_every_candidate(runner, tiny_checkpoint):
-    prompt = tiny_edit_prompt(FACE, tiny_checkpoint.name, 8 if runner.name == "http" else 9)
+    prompt = harness.bundled_edit_prompt(FACE, tiny_checkpoint.name, 8 if runner.name == "http" else 9)
     harness.node_of(prompt, "XMGIEPFBSampler")[1]["inputs"]["candidates"] = 2
     harness.provide_images_and_prefix(runner, prompt, "unused")
     source = np.array(Image.open(harness.ASSETS_DIR / "xmgie_astronaut_source.png").convert("RGB"))
-    run, _ = run_and_check(runner, prompt, f"xmgie_edit_face_{runner.name}", source)
+    run, _ = harness.check_edit_inside_predicted_region(runner, prompt, f"xmgie_edit_face_{runner.name}", source)
     score_id, _ = harness.node_of(prompt, "XMGIEIdentityScore")
     (report,) = run.outputs[score_id]["text"]
     assert "image 0: IPS" in report and "image 1: IPS" in report and "[dlib" in report, report
