@@ -252,11 +252,9 @@ def run_batch(args: argparse.Namespace, no_model: str, tiny_tag: str) -> list[Pa
     import torch
 
     from ..image_io import check_out_dir
-    from .edit import EditSettings, face_backend_for
+    from .edit import face_backend_for, settings_from_args
 
-    settings = EditSettings("", args.seed, args.steps, args.cfg, args.denoise, region_draws=args.draws,
-                            context_factor=args.context_factor, working_size=args.working_size,
-                            face_protection=args.face_protection)
+    settings = settings_from_args(args, "")
     face_backend_for(args.identity, args.insightface_root, args.insightface_pack)  # a missing backend fails now
     out = check_out_dir(args.out)
     data = items(args.data)

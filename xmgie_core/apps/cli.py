@@ -19,7 +19,7 @@ from ..device import resolve_device
 from ..errors import XMGIEInputError
 from ..instruction.rules import rules_plan
 from . import batch, evaluate
-from .edit import EDITOR_DEFAULTS, EDITORS, MASK_NEEDED, SETTING_HINTS, SETTING_RANGES, EditSettings
+from .edit import EDITOR_DEFAULTS, EDITORS, MASK_NEEDED, SETTING_HINTS, SETTING_RANGES, EditSettings, settings_from_args
 from ..image_io import check_out_dir, load_image, load_mask, save_image, unused_stem
 from ..validation import check_range
 
@@ -73,24 +73,13 @@ def check_editor_arguments(args: argparse.Namespace) -> None:
         raise XMGIEInputError(MASK_NEEDED.format(editor=args.editor))
 
 
-def edit_settings(args: argparse.Namespace) -> EditSettings:
-    """The edit's settings: the given numbers, the editor's defaults (EDITOR_DEFAULTS) for the rest."""
-    defaults = {**{k: getattr(EDIT, k) for k in ("steps", "cfg", "denoise", "working_size", "region_draws")},
-                **EDITOR_DEFAULTS.get(args.editor, {})}
-    given = {"steps": args.steps, "cfg": args.cfg, "denoise": args.denoise, "working_size": args.working_size,
-             "region_draws": args.draws}
-    chosen = {k: defaults[k] if v is None else v for k, v in given.items()}
-    return EditSettings(args.instruction, args.seed, context_factor=args.context_factor,
-                        face_protection=args.face_protection, **chosen)
-
-
 def run_edit(args: argparse.Namespace) -> list[Path]:
     from ..hosts.diffusers import models as sd15
     from ..hosts.diffusers.dit_edit import DiTEditor
     from . import edit as de
 
     check_editor_arguments(args)
-    settings = edit_settings(args)
+    settings = settings_from_args(args, args.instruction, args.editor)
     device = resolve_device(args.device)
     out = check_out_dir(args.out)
     photo = load_image(args.image)[0]

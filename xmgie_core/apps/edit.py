@@ -16,6 +16,7 @@ CAM on top, decoded by the pipeline, then stitch, GB composite and identity as a
 
 from __future__ import annotations
 
+import argparse
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -180,6 +181,19 @@ class Stopwatch:
 
 
 @torch.no_grad()
+def settings_from_args(args: argparse.Namespace, instruction: str, editor: str = "sd15") -> EditSettings:
+    """The edit's settings from the `edit` command's options (also taken by `batch`): the numbers given, the editor's
+    defaults (EDITOR_DEFAULTS, else EditSettings') for steps, cfg, denoise, working size and draws left out."""
+    base = EditSettings(instruction)
+    defaults = {**{k: getattr(base, k) for k in ("steps", "cfg", "denoise", "working_size", "region_draws")},
+                **EDITOR_DEFAULTS.get(editor, {})}
+    given = {"steps": args.steps, "cfg": args.cfg, "denoise": args.denoise, "working_size": args.working_size,
+             "region_draws": args.draws}
+    chosen = {k: defaults[k] if v is None else v for k, v in given.items()}
+    return EditSettings(instruction, args.seed, context_factor=args.context_factor,
+                        face_protection=args.face_protection, **chosen)
+
+
 def encode_text(models: SD15, text: str) -> torch.Tensor:
     """CLIP text states [1, 77, C] (the diffusers pipeline's single padded chunk)."""
     ids = models.tokenizer(text, padding="max_length", max_length=CONTEXT_TOKENS,
