@@ -149,7 +149,7 @@ def dit_runner(request, dit_models) -> harness.PromptRunner:
     return request.getfixturevalue("serverless_runner" if request.param == "serverless" else "dit_client")
 
 
-def test_prompt(name: str, seed: int) -> dict:
+def substituted_prompt(name: str, seed: int) -> dict:
     """The bundled API workflow with the substitutions of the module docstring."""
     family, _, _ = WORKFLOWS[name]
     prompt = harness.load_workflow(f"api/{name}.json")
@@ -185,7 +185,7 @@ def max_change(report: str) -> float:
 
 @pytest.mark.parametrize("name", list(WORKFLOWS))
 def test_dit_workflow_runs_and_keeps_the_photo_outside_the_mask(dit_runner, name):
-    prompt = test_prompt(name, 11 if dit_runner.name == "http" else 12)
+    prompt = substituted_prompt(name, 11 if dit_runner.name == "http" else 12)
     save_id = harness.provide_images_and_prefix(dit_runner, prompt, f"{name}_{dit_runner.name}")
     ours, alone = drift_nodes(prompt)
     prompt[ours]["inputs"]["margin"] = MARGIN
